@@ -1,0 +1,185 @@
+//! How the scheduler lays its state out in the host's key-value store.
+//!
+//! Every appservice owns the keys under `as/{id}/`, where `{id}` has `%` and `/` percent-encoded
+//! so that no appservice's keys can fall inside another's range:
+//!
+//! | key | value |
+//! |---|---|
+//! | `as/{id}/meta` | [`Record`] as JSON: txn-id epoch and counter, DOWN flag, queue bounds |
+//! | `as/{id}/q/{seq}` | one undelivered event: 8 bytes of enqueue time (ms since the Unix epoch, little endian), then its JSON |
+//! | `as/{id}/txn` | [`StoredTxn`] as JSON: the transaction being sent or retried |
+//! | `as/{id}/txn-body` | that transaction's exact body bytes |
+//!
+//! `{seq}` is 16 lowercase hex digits, so key order is enqueue order.
+
+use serde::{Deserialize, Serialize};
+
+/// What is persisted about one appservice besides its events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Random text that prefixes every txn id of this appservice. A new record (a reset store,
+    /// a lost record) gets a new epoch, so ids never repeat even when the counter starts again.
+    pub epoch: String,
+    /// The counter of the next transaction id.
+    pub next_txn: u64,
+    /// Whether the appservice is DOWN (or recovering) rather than UP.
+    pub down: bool,
+    /// Sequence number of the oldest undelivered event.
+    pub head: u64,
+    /// Sequence number the next enqueued event gets. Events `head..tail` are undelivered.
+    pub tail: u64,
+    /// Total JSON bytes of the undelivered events.
+    pub queued_bytes: u64,
+}
+
+impl Record {
+    /// A record for an appservice seen for the first time.
+    pub fn new(epoch: String) -> Self {
+        Record {
+            epoch,
+            next_txn: 1,
+            down: false,
+            head: 0,
+            tail: 0,
+            queued_bytes: 0,
+        }
+    }
+}
+
+/// A transaction whose id and body are fixed: it was sent, or is about to be, and every retry
+/// sends exactly these bytes under this id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTxn {
+    /// The transaction id, `{epoch}.{counter}`.
+    pub txn_id: String,
+    /// Sequence number of its first event.
+    pub first: u64,
+    /// Sequence number after its last event.
+    pub end: u64,
+    /// JSON bytes of its events.
+    pub event_bytes: u64,
+    /// When its first event was enqueued, in ms since the Unix epoch.
+    pub first_enqueued_at_ms: u64,
+}
+
+impl StoredTxn {
+    /// How many events it carries.
+    pub fn events(&self) -> u64 {
+        self.end - self.first
+    }
+}
+
+/// Length of the enqueue-time header in front of each queued event.
+pub const QUEUED_HEADER_BYTES: usize = 8;
+
+/// The keys of one appservice.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// The keys of appservice `id`.
+    pub fn new(id: &str) -> Self {
+        let mut prefix = String::with_capacity(id.len() + 4);
+        prefix.push_str("as/");
+        for c in id.chars() {
+            match c {
+                '%' => prefix.push_str("%25"),
+                '/' => prefix.push_str("%2F"),
+                c => prefix.push(c),
+            }
+        }
+        prefix.push('/');
+        Keys { prefix }
+    }
+
+    /// The key of the [`Record`].
+    pub fn meta(&self) -> String {
+        format!("{}meta", self.prefix)
+    }
+
+    /// The key of the [`StoredTxn`].
+    pub fn txn(&self) -> String {
+        format!("{}txn", self.prefix)
+    }
+
+    /// The key of the stored transaction's body.
+    pub fn txn_body(&self) -> String {
+        format!("{}txn-body", self.prefix)
+    }
+
+    /// The key of queued event `seq`.
+    pub fn queued(&self, seq: u64) -> String {
+        format!("{}q/{seq:016x}", self.prefix)
+    }
+
+    /// The key after every queued event (`'0'` follows `'/'`).
+    pub fn queue_end(&self) -> String {
+        format!("{}q0", self.prefix)
+    }
+
+    /// The sequence number in a queued event's key, if the key is one.
+    pub fn seq_of(&self, key: &str) -> Option<u64> {
+        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("q/")?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+}
+
+/// Prepends the enqueue-time header to an event's JSON.
+pub fn encode_queued(enqueued_at_ms: u64, json: &str) -> Vec<u8> {
+    let mut value = Vec::with_capacity(QUEUED_HEADER_BYTES + json.len());
+    value.extend_from_slice(&enqueued_at_ms.to_le_bytes());
+    value.extend_from_slice(json.as_bytes());
+    value
+}
+
+/// Splits a queued value into its enqueue time and JSON bytes.
+pub fn decode_queued(value: &[u8]) -> Option<(u64, &[u8])> {
+    if value.len() < QUEUED_HEADER_BYTES {
+        return None;
+    }
+    let (header, json) = value.split_at(QUEUED_HEADER_BYTES);
+    let enqueued_at_ms = u64::from_le_bytes(header.try_into().ok()?);
+    Some((enqueued_at_ms, json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ids with `/` or `%` must not produce keys inside another appservice's range.
+    #[test]
+    fn ids_with_separators_get_disjoint_prefixes() {
+        let a = Keys::new("a");
+        let b = Keys::new("a/q");
+        assert_eq!(a.queued(1), "as/a/q/0000000000000001");
+        assert_eq!(b.meta(), "as/a%2Fq/meta");
+        assert_eq!(Keys::new("50%").meta(), "as/50%25/meta");
+        assert!(!(a.queued(0) <= b.meta() && b.meta() < a.queue_end()));
+    }
+
+    /// Queue keys sort in sequence order and parse back.
+    #[test]
+    fn queue_keys_sort_by_sequence_and_parse_back() {
+        let k = Keys::new("bridge");
+        assert!(k.queued(9) < k.queued(10));
+        assert!(k.queued(u64::MAX) < k.queue_end());
+        assert_eq!(k.seq_of(&k.queued(0xabc)), Some(0xabc));
+        assert_eq!(k.seq_of(&k.meta()), None);
+    }
+
+    /// The enqueue-time header round-trips.
+    #[test]
+    fn queued_value_round_trips() {
+        let v = encode_queued(1_700_000_000_123, "{\"a\":1}");
+        assert_eq!(
+            decode_queued(&v),
+            Some((1_700_000_000_123, &b"{\"a\":1}"[..]))
+        );
+        assert_eq!(decode_queued(b"short"), None);
+    }
+}

@@ -1,0 +1,999 @@
+//! The scheduler: a state machine over the appservices' queues.
+//!
+//! Inputs are the exports of the WIT world (start, enqueue, send outcomes, timers, ticks, forced
+//! retries); everything it does to the world goes through [`Effects`]. It holds in memory only
+//! what it can rebuild from the store at [`Scheduler::start`], plus counters for status.
+
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
+
+use crate::effects::{Effects, LogLevel, SendOutcome, WriteOp};
+use crate::layout::{self, Keys, Record, StoredTxn};
+
+/// Limits and delays that apply to every appservice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The most room events one transaction carries.
+    pub max_events_per_txn: u32,
+    /// The most bytes a transaction body may have (a larger single event travels alone).
+    pub max_txn_body_bytes: u32,
+    /// The first retry delay after a failure.
+    pub retry_delay_ms_initial: u64,
+    /// The longest retry delay.
+    pub retry_delay_ms_max: u64,
+    /// Random share of each retry delay, in percent.
+    pub retry_jitter_percent: u8,
+    /// The first delay before a queue paused by a storage error is tried again.
+    pub storage_retry_delay_ms: u64,
+}
+
+impl Default for Config {
+    /// The values mature homeservers use: 100 events, 2 s doubling to 512 s.
+    fn default() -> Self {
+        Config {
+            max_events_per_txn: 100,
+            max_txn_body_bytes: DEFAULT_MAX_TXN_BODY_BYTES,
+            retry_delay_ms_initial: 2_000,
+            retry_delay_ms_max: 512_000,
+            retry_jitter_percent: 20,
+            storage_retry_delay_ms: 1_000,
+        }
+    }
+}
+
+/// Default byte cap of a transaction body: half a MiB keeps bodies well under the 1 MiB request
+/// limit common in reverse proxies, while 100 events of typical size (about 1 KiB) fit easily.
+pub const DEFAULT_MAX_TXN_BODY_BYTES: u32 = 512 * 1024;
+
+/// The smallest byte cap accepted: below this, ordinary events would travel one per transaction.
+pub const MIN_TXN_BODY_BYTES: u32 = 1024;
+
+impl Config {
+    /// Checks that the values make sense together; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_events_per_txn == 0 {
+            return Err("max-events-per-txn must be at least 1".into());
+        }
+        if self.max_txn_body_bytes < MIN_TXN_BODY_BYTES {
+            return Err(format!(
+                "max-txn-body-bytes must be at least {MIN_TXN_BODY_BYTES}"
+            ));
+        }
+        if self.retry_delay_ms_initial == 0 {
+            return Err("retry-delay-ms-initial must be at least 1".into());
+        }
+        if self.retry_delay_ms_max < self.retry_delay_ms_initial {
+            return Err("retry-delay-ms-max must not be below retry-delay-ms-initial".into());
+        }
+        if self.retry_jitter_percent > 100 {
+            return Err("retry-jitter-percent must be at most 100".into());
+        }
+        if self.storage_retry_delay_ms == 0 {
+            return Err("storage-retry-delay-ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether an appservice is receiving transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Sends as events arrive.
+    Up,
+    /// The last attempt failed; a timer will retry the oldest transaction.
+    Down,
+    /// A retry succeeded; the backlog drains back to back, then the appservice is UP.
+    Recovering,
+}
+
+/// A send still running from an earlier instance, handed over at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlightSend {
+    /// The send's handle.
+    pub id: u64,
+    /// Its appservice.
+    pub appservice: String,
+    /// Its transaction id.
+    pub txn_id: String,
+}
+
+/// One item to deliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A room event as JSON text of one object.
+    RoomEvent(String),
+}
+
+/// Items for one appservice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnqueueBatch {
+    /// The appservice.
+    pub appservice: String,
+    /// The items, oldest first.
+    pub items: Vec<Item>,
+}
+
+/// Why a batch was not accepted (nothing of it was stored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnqueueError {
+    /// No registered appservice has this id.
+    UnknownAppservice(String),
+    /// The item at this index is not acceptable.
+    InvalidItem(u32, String),
+    /// The store failed.
+    Storage(String),
+}
+
+/// Why the scheduler could not start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StartError {
+    /// The store could not be read.
+    Storage(String),
+    /// The configuration is unusable.
+    InvalidConfig(String),
+}
+
+/// What an operator sees about one appservice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The appservice.
+    pub appservice: String,
+    /// Its phase.
+    pub phase: Phase,
+    /// Undelivered transactions: the stored one plus those the queued events will form.
+    pub backlog_txns: u64,
+    /// Undelivered events.
+    pub backlog_events: u64,
+    /// Bytes of undelivered events.
+    pub backlog_bytes: u64,
+    /// Enqueue time of the oldest undelivered event, ms since the Unix epoch.
+    pub oldest_enqueued_at_ms: Option<u64>,
+    /// The stored transaction's id.
+    pub current_txn_id: Option<String>,
+    /// Whether a send is in flight.
+    pub in_flight: bool,
+    /// Failed attempts since the last success.
+    pub failed_attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// Milliseconds until the next retry.
+    pub next_retry_in_ms: Option<u64>,
+    /// Whether a storage error paused the queue.
+    pub paused_by_storage: bool,
+    /// Transactions delivered by this instance.
+    pub delivered_txns: u64,
+    /// Events delivered by this instance.
+    pub delivered_events: u64,
+}
+
+/// Why a timer was set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TimerPurpose {
+    /// Retry the appservice after a failed send.
+    Retry,
+    /// Try again after a storage error.
+    Storage,
+}
+
+/// A pending timer of one appservice.
+#[derive(Clone, Copy, Debug)]
+struct Timer {
+    id: u64,
+    due_ms: u64,
+    purpose: TimerPurpose,
+}
+
+/// Everything known about one appservice.
+#[derive(Debug)]
+struct Appservice {
+    id: String,
+    keys: Keys,
+    record: Record,
+    txn: Option<StoredTxn>,
+    phase: Phase,
+    in_flight: Option<u64>,
+    timer: Option<Timer>,
+    failed_attempts: u32,
+    storage_failures: u32,
+    last_error: Option<String>,
+    /// A 2xx arrived for `txn` but recording it failed; the write must be retried before
+    /// anything else is sent.
+    unrecorded_success: bool,
+    /// The event cap for new transactions; lowered when the appservice answers 413.
+    cap_events: u32,
+    delivered_txns: u64,
+    delivered_events: u64,
+}
+
+impl Appservice {
+    /// Whether undelivered events exist.
+    fn has_backlog(&self) -> bool {
+        self.txn.is_some() || self.record.head < self.record.tail
+    }
+}
+
+/// A small, fast, well-mixed generator for retry jitter (SplitMix64). Seeded from the host's
+/// randomness at start, so a run with the same seed makes the same choices.
+#[derive(Debug)]
+struct Jitter(u64);
+
+impl Jitter {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The retry delay after `failures` consecutive failures, before jitter: the initial delay,
+/// doubled per further failure, capped.
+pub fn backoff_delay_ms(config: &Config, failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(63);
+    config
+        .retry_delay_ms_initial
+        .checked_shl(doublings)
+        .filter(|d| d >> doublings == config.retry_delay_ms_initial)
+        .map_or(config.retry_delay_ms_max, |d| {
+            d.min(config.retry_delay_ms_max)
+        })
+}
+
+/// The scheduler for every appservice of one host.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: Config,
+    appservices: BTreeMap<String, Appservice>,
+    sends: BTreeMap<u64, String>,
+    timers: BTreeMap<u64, String>,
+    jitter: Jitter,
+}
+
+impl Scheduler {
+    /// Loads every appservice's state from the store, adopts sends still in flight, and resumes
+    /// delivery wherever events wait.
+    pub fn start(
+        fx: &mut impl Effects,
+        config: Config,
+        appservices: &[String],
+        in_flight: &[InFlightSend],
+    ) -> Result<Scheduler, StartError> {
+        config.validate().map_err(StartError::InvalidConfig)?;
+        let jitter = Jitter(fx.random_u64());
+        let mut scheduler = Scheduler {
+            config,
+            appservices: BTreeMap::new(),
+            sends: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            jitter,
+        };
+        scheduler.load(fx, appservices)?;
+        scheduler.adopt(fx, in_flight);
+        scheduler.resume(fx);
+        Ok(scheduler)
+    }
+
+    /// Reads (or creates) the record and stored transaction of each appservice.
+    fn load(&mut self, fx: &mut impl Effects, ids: &[String]) -> Result<(), StartError> {
+        let mut created = Vec::new();
+        for id in ids {
+            let keys = Keys::new(id);
+            let record = match read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)? {
+                Some(record) => record,
+                None => {
+                    let record = Record::new(format!("{:016x}", fx.random_u64()));
+                    created.push(WriteOp::Put(keys.meta(), to_json(&record)));
+                    record
+                }
+            };
+            let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
+            let phase = if record.down { Phase::Down } else { Phase::Up };
+            let appservice = Appservice {
+                id: id.clone(),
+                keys,
+                record,
+                txn,
+                phase,
+                in_flight: None,
+                timer: None,
+                failed_attempts: 0,
+                storage_failures: 0,
+                last_error: None,
+                unrecorded_success: false,
+                cap_events: self.config.max_events_per_txn,
+                delivered_txns: 0,
+                delivered_events: 0,
+            };
+            self.appservices.insert(id.clone(), appservice);
+        }
+        if !created.is_empty() {
+            fx.commit(created)
+                .map_err(|e| StartError::Storage(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for sends an earlier instance started, instead of sending their transactions again.
+    fn adopt(&mut self, fx: &mut impl Effects, in_flight: &[InFlightSend]) {
+        for send in in_flight {
+            let Some(a) = self.appservices.get_mut(&send.appservice) else {
+                continue;
+            };
+            let matches = a.txn.as_ref().is_some_and(|t| t.txn_id == send.txn_id);
+            if matches && a.in_flight.is_none() {
+                a.in_flight = Some(send.id);
+                self.sends.insert(send.id, a.id.clone());
+            } else {
+                let message = format!("ignoring handed-over send of txn {}", send.txn_id);
+                fx.log(LogLevel::Debug, Some(&send.appservice), &message);
+            }
+        }
+    }
+
+    /// Starts delivery for every appservice with a backlog; marks idle DOWN ones UP.
+    fn resume(&mut self, fx: &mut impl Effects) {
+        let ids: Vec<String> = self.appservices.keys().cloned().collect();
+        for id in ids {
+            let a = self
+                .appservices
+                .get_mut(&id)
+                .expect("ids were just read from the map");
+            if a.in_flight.is_some() {
+                continue;
+            }
+            if a.has_backlog() {
+                let message = format!(
+                    "resuming delivery of {} queued events",
+                    a.record.tail - a.record.head
+                );
+                fx.log(LogLevel::Info, Some(&id), &message);
+                self.dispatch(fx, &id, true);
+            } else if a.phase != Phase::Up {
+                self.finish_recovery(fx, &id);
+            }
+        }
+    }
+
+    /// Stores each batch and starts sends for idle appservices. One commit covers every
+    /// accepted batch, so many enqueues share one durable write.
+    pub fn enqueue(
+        &mut self,
+        fx: &mut impl Effects,
+        batches: &[EnqueueBatch],
+    ) -> Vec<Result<u32, EnqueueError>> {
+        let now_wall = fx.wall_clock_now_ms();
+        let mut results = Vec::with_capacity(batches.len());
+        let mut ops = Vec::new();
+        let mut touched: BTreeMap<String, Record> = BTreeMap::new();
+        for batch in batches {
+            let result = self.stage_batch(batch, now_wall, &mut ops, &mut touched);
+            results.push(result);
+        }
+        if touched.is_empty() {
+            return results;
+        }
+        for (id, record) in &touched {
+            let keys = &self.appservices[id].keys;
+            ops.push(WriteOp::Put(keys.meta(), to_json(record)));
+        }
+        if let Err(error) = fx.commit(ops) {
+            fx.log(
+                LogLevel::Warn,
+                None,
+                &format!("enqueue not stored: {error}"),
+            );
+            for result in &mut results {
+                if matches!(result, Ok(n) if *n > 0) {
+                    *result = Err(EnqueueError::Storage(error.to_string()));
+                }
+            }
+            return results;
+        }
+        for (id, record) in touched {
+            self.appservices
+                .get_mut(&id)
+                .expect("staged ids are registered")
+                .record = record;
+            self.dispatch(fx, &id, false);
+        }
+        results
+    }
+
+    /// Validates one batch and adds its writes; `touched` holds each appservice's record as it
+    /// will be after the commit.
+    fn stage_batch(
+        &self,
+        batch: &EnqueueBatch,
+        now_wall: u64,
+        ops: &mut Vec<WriteOp>,
+        touched: &mut BTreeMap<String, Record>,
+    ) -> Result<u32, EnqueueError> {
+        let Some(a) = self.appservices.get(&batch.appservice) else {
+            return Err(EnqueueError::UnknownAppservice(batch.appservice.clone()));
+        };
+        let mut events = Vec::with_capacity(batch.items.len());
+        for (index, item) in batch.items.iter().enumerate() {
+            let Item::RoomEvent(json) = item;
+            let index = u32::try_from(index).unwrap_or(u32::MAX);
+            events.push(validate_event(json).map_err(|why| EnqueueError::InvalidItem(index, why))?);
+        }
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let record = touched
+            .entry(a.id.clone())
+            .or_insert_with(|| a.record.clone());
+        for json in &events {
+            ops.push(WriteOp::Put(
+                a.keys.queued(record.tail),
+                layout::encode_queued(now_wall, json),
+            ));
+            record.tail += 1;
+            record.queued_bytes += json.len() as u64;
+        }
+        Ok(u32::try_from(events.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Reports how a send ended.
+    pub fn send_finished(&mut self, fx: &mut impl Effects, send_id: u64, outcome: &SendOutcome) {
+        let Some(id) = self.sends.remove(&send_id) else {
+            fx.log(
+                LogLevel::Debug,
+                None,
+                &format!("ignoring outcome of unknown send {send_id}"),
+            );
+            return;
+        };
+        let a = self
+            .appservices
+            .get_mut(&id)
+            .expect("sends map only to registered appservices");
+        if a.in_flight != Some(send_id) {
+            return;
+        }
+        a.in_flight = None;
+        match outcome {
+            SendOutcome::Response {
+                status: 200..=299,
+                body_is_json,
+            } => {
+                if !body_is_json && !matches!(outcome, SendOutcome::Response { status: 204, .. }) {
+                    let txn_id = a.txn.as_ref().map_or("?", |t| t.txn_id.as_str());
+                    let message = format!("txn {txn_id} accepted with a body that is not JSON");
+                    fx.log(LogLevel::Warn, Some(&id), &message);
+                }
+                a.unrecorded_success = true;
+                self.record_success(fx, &id);
+            }
+            SendOutcome::Response { status: 413, .. }
+                if a.txn.as_ref().is_some_and(|t| t.events() > 1) =>
+            {
+                self.split_after_413(fx, &id);
+            }
+            outcome => {
+                self.send_failed(fx, &id, describe_failure(outcome), is_auth_failure(outcome))
+            }
+        }
+    }
+
+    /// Reports that a timer is due.
+    pub fn timer_fired(&mut self, fx: &mut impl Effects, timer_id: u64) {
+        let Some(id) = self.timers.remove(&timer_id) else {
+            return;
+        };
+        let a = self
+            .appservices
+            .get_mut(&id)
+            .expect("timers map only to registered appservices");
+        let Some(timer) = a.timer.take_if(|t| t.id == timer_id) else {
+            return;
+        };
+        match timer.purpose {
+            TimerPurpose::Retry => self.dispatch(fx, &id, true),
+            TimerPurpose::Storage => {
+                let retrying = a.phase == Phase::Down;
+                self.dispatch(fx, &id, retrying);
+            }
+        }
+    }
+
+    /// Catches up on anything due: a queue that is idle while it has work is started, a DOWN
+    /// appservice without a retry timer gets one.
+    pub fn tick(&mut self, fx: &mut impl Effects) {
+        let idle: Vec<(String, Phase)> = self
+            .appservices
+            .values()
+            .filter(|a| a.in_flight.is_none() && a.timer.is_none())
+            .filter(|a| a.has_backlog() || a.unrecorded_success || a.phase != Phase::Up)
+            .map(|a| (a.id.clone(), a.phase))
+            .collect();
+        for (id, phase) in idle {
+            if phase == Phase::Down {
+                self.schedule_retry(fx, &id);
+            } else {
+                self.dispatch(fx, &id, false);
+            }
+        }
+    }
+
+    /// Retries an appservice now, skipping the rest of its backoff.
+    pub fn force_retry(&mut self, fx: &mut impl Effects, id: &str) -> Result<(), EnqueueError> {
+        let Some(a) = self.appservices.get_mut(id) else {
+            return Err(EnqueueError::UnknownAppservice(id.to_owned()));
+        };
+        if a.in_flight.is_some() {
+            return Ok(());
+        }
+        if let Some(timer) = a.timer.take() {
+            self.timers.remove(&timer.id);
+            fx.cancel_timer(timer.id);
+        }
+        fx.log(LogLevel::Info, Some(id), "retry forced");
+        self.dispatch(fx, id, true);
+        Ok(())
+    }
+
+    /// The status of every appservice, ordered by id.
+    pub fn status(&self, fx: &mut impl Effects) -> Vec<Status> {
+        let now = fx.monotonic_now_ms();
+        let max = u64::from(self.config.max_events_per_txn);
+        self.appservices
+            .values()
+            .map(|a| {
+                let queued_after_txn =
+                    a.record.tail - a.txn.as_ref().map_or(a.record.head, |t| t.end);
+                Status {
+                    appservice: a.id.clone(),
+                    phase: a.phase,
+                    backlog_txns: u64::from(a.txn.is_some()) + queued_after_txn.div_ceil(max),
+                    backlog_events: a.record.tail - a.record.head,
+                    backlog_bytes: a.record.queued_bytes,
+                    oldest_enqueued_at_ms: oldest_enqueued_at(fx, a),
+                    current_txn_id: a.txn.as_ref().map(|t| t.txn_id.clone()),
+                    in_flight: a.in_flight.is_some(),
+                    failed_attempts: a.failed_attempts,
+                    last_error: a.last_error.clone(),
+                    next_retry_in_ms: a.timer.map(|t| t.due_ms.saturating_sub(now)),
+                    paused_by_storage: a.timer.is_some_and(|t| t.purpose == TimerPurpose::Storage),
+                    delivered_txns: a.delivered_txns,
+                    delivered_events: a.delivered_events,
+                }
+            })
+            .collect()
+    }
+
+    /// Sends the next transaction of an idle appservice: the stored one, or a new one formed
+    /// from the head of the queue. A DOWN appservice sends only when `retrying`.
+    fn dispatch(&mut self, fx: &mut impl Effects, id: &str, retrying: bool) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("dispatch is only called for registered ids");
+        if a.in_flight.is_some() || a.timer.is_some() {
+            return;
+        }
+        if a.unrecorded_success {
+            // Recording the success dispatches the next transaction itself.
+            self.record_success(fx, id);
+            return;
+        }
+        if a.phase == Phase::Down && !retrying {
+            return;
+        }
+        if a.txn.is_none() && a.record.head == a.record.tail {
+            if a.phase != Phase::Up {
+                self.finish_recovery(fx, id);
+            }
+            return;
+        }
+        let body = match a.txn {
+            Some(_) => self.read_stored_body(fx, id),
+            None => self.form_txn(fx, id),
+        };
+        if let Some(body) = body {
+            self.start_send(fx, id, &body);
+        }
+    }
+
+    /// Reads the stored transaction's body; a failure pauses the queue.
+    fn read_stored_body(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
+        let a = &self.appservices[id];
+        match fx.get(&a.keys.txn_body()) {
+            Ok(Some(body)) => Some(body),
+            Ok(None) => {
+                let txn_id = a.txn.as_ref().map_or("?", |t| t.txn_id.as_str());
+                let why = format!("the body of stored txn {txn_id} is missing from the store");
+                fx.log(LogLevel::Error, Some(id), &why);
+                self.pause_for_storage(fx, id, why);
+                None
+            }
+            Err(error) => {
+                self.pause_for_storage(fx, id, error.to_string());
+                None
+            }
+        }
+    }
+
+    /// Fixes a new transaction from the head of the queue, up to the caps, and stores it with
+    /// its id and body before it is sent.
+    fn form_txn(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
+        let a = &self.appservices[id];
+        let head = a.record.head;
+        let entries = match fx.scan(&a.keys.queued(head), &a.keys.queue_end(), a.cap_events) {
+            Ok(entries) => entries,
+            Err(error) => {
+                self.pause_for_storage(fx, id, error.to_string());
+                return None;
+            }
+        };
+        let built = match build_body(&a.keys, head, &entries, self.config.max_txn_body_bytes) {
+            Ok(built) => built,
+            Err(why) => {
+                fx.log(LogLevel::Error, Some(id), &why);
+                self.pause_for_storage(fx, id, why);
+                return None;
+            }
+        };
+        let mut record = a.record.clone();
+        let txn = StoredTxn {
+            txn_id: format!("{}.{}", record.epoch, record.next_txn),
+            first: head,
+            end: head + built.events,
+            event_bytes: built.event_bytes,
+            first_enqueued_at_ms: built.first_enqueued_at_ms,
+        };
+        record.next_txn += 1;
+        let ops = vec![
+            WriteOp::Put(a.keys.txn(), to_json(&txn)),
+            WriteOp::Put(a.keys.txn_body(), built.body.clone()),
+            WriteOp::Put(a.keys.meta(), to_json(&record)),
+        ];
+        if let Err(error) = fx.commit(ops) {
+            self.pause_for_storage(fx, id, error.to_string());
+            return None;
+        }
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("the id was found above");
+        a.record = record;
+        a.txn = Some(txn);
+        Some(built.body)
+    }
+
+    /// Hands the stored transaction to the host.
+    fn start_send(&mut self, fx: &mut impl Effects, id: &str, body: &[u8]) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("start_send is only called for registered ids");
+        let txn_id = a
+            .txn
+            .as_ref()
+            .expect("a transaction is stored before it is sent")
+            .txn_id
+            .clone();
+        match fx.start_send(id, &txn_id, body) {
+            Ok(send_id) => {
+                a.in_flight = Some(send_id);
+                a.storage_failures = 0;
+                self.sends.insert(send_id, id.to_owned());
+            }
+            Err(why) => self.send_failed(fx, id, format!("host refused the send: {why}"), false),
+        }
+    }
+
+    /// Records a delivered transaction: its events leave the queue, and the next transaction
+    /// is dispatched. If the write fails, the queue pauses and the write is retried; nothing
+    /// else is sent meanwhile, and a crash resends the same transaction under the same id.
+    fn record_success(&mut self, fx: &mut impl Effects, id: &str) {
+        let a = &self.appservices[id];
+        let txn = a
+            .txn
+            .clone()
+            .expect("a success is recorded only for a stored transaction");
+        let mut record = a.record.clone();
+        record.head = txn.end;
+        record.queued_bytes -= txn.event_bytes;
+        let drained = record.head == record.tail;
+        record.down = a.phase != Phase::Up && !drained;
+        let ops = vec![
+            WriteOp::DeleteRange(a.keys.queued(txn.first), a.keys.queued(txn.end)),
+            WriteOp::Delete(a.keys.txn()),
+            WriteOp::Delete(a.keys.txn_body()),
+            WriteOp::Put(a.keys.meta(), to_json(&record)),
+        ];
+        if let Err(error) = fx.commit(ops) {
+            let why = format!("txn {} delivered but not recorded: {error}", txn.txn_id);
+            fx.log(LogLevel::Warn, Some(id), &why);
+            self.pause_for_storage(fx, id, why);
+            return;
+        }
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("the id was found above");
+        a.record = record;
+        a.txn = None;
+        a.unrecorded_success = false;
+        a.failed_attempts = 0;
+        a.storage_failures = 0;
+        a.last_error = None;
+        a.delivered_txns += 1;
+        a.delivered_events += txn.events();
+        if drained {
+            a.cap_events = self.config.max_events_per_txn;
+        }
+        match (a.phase, drained) {
+            (Phase::Up, _) => {}
+            (_, true) => {
+                a.phase = Phase::Up;
+                fx.log(
+                    LogLevel::Info,
+                    Some(id),
+                    "backlog delivered; appservice is up",
+                );
+            }
+            (_, false) => a.phase = Phase::Recovering,
+        }
+        self.dispatch(fx, id, false);
+    }
+
+    /// A 413 answer: the transaction is too large for the appservice. Its id is retired (never
+    /// used again) and its events are sent again in transactions of half the size.
+    fn split_after_413(&mut self, fx: &mut impl Effects, id: &str) {
+        let a = &self.appservices[id];
+        let txn = a
+            .txn
+            .clone()
+            .expect("a 413 is handled only for a stored transaction");
+        let ops = vec![
+            WriteOp::Delete(a.keys.txn()),
+            WriteOp::Delete(a.keys.txn_body()),
+        ];
+        if let Err(error) = fx.commit(ops) {
+            self.pause_for_storage(fx, id, error.to_string());
+            return;
+        }
+        let half = u32::try_from(txn.events() / 2).unwrap_or(u32::MAX).max(1);
+        let message = format!(
+            "txn {} of {} events refused as too large (HTTP 413); splitting into transactions of at most {half}",
+            txn.txn_id,
+            txn.events()
+        );
+        fx.log(LogLevel::Warn, Some(id), &message);
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("the id was found above");
+        a.txn = None;
+        a.cap_events = half;
+        let retrying = a.phase == Phase::Down;
+        self.dispatch(fx, id, retrying);
+    }
+
+    /// A failed attempt: the appservice is DOWN until a retry succeeds.
+    fn send_failed(&mut self, fx: &mut impl Effects, id: &str, why: String, auth: bool) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("send_failed is only called for registered ids");
+        a.failed_attempts = a.failed_attempts.saturating_add(1);
+        let txn_id = a.txn.as_ref().map_or("?", |t| t.txn_id.as_str()).to_owned();
+        if auth {
+            let message = format!(
+                "the appservice rejected the hs_token ({why}) for txn {txn_id}; check its registration, will retry"
+            );
+            fx.log(LogLevel::Error, Some(id), &message);
+        } else {
+            fx.log(
+                LogLevel::Warn,
+                Some(id),
+                &format!("txn {txn_id} failed: {why}; will retry"),
+            );
+        }
+        a.last_error = Some(why);
+        if a.phase != Phase::Down {
+            a.phase = Phase::Down;
+            fx.log(LogLevel::Info, Some(id), "appservice is down");
+            self.persist_down_flag(fx, id, true);
+        }
+        self.schedule_retry(fx, id);
+    }
+
+    /// Sets the retry timer after a failure, with backoff and jitter.
+    fn schedule_retry(&mut self, fx: &mut impl Effects, id: &str) {
+        let failures = self.appservices[id].failed_attempts.max(1);
+        let delay = backoff_delay_ms(&self.config, failures);
+        let spread = delay * u64::from(self.config.retry_jitter_percent) / 100;
+        let delay = delay - self.jitter.next() % (spread + 1);
+        self.set_timer(fx, id, delay, TimerPurpose::Retry);
+    }
+
+    /// Pauses a queue after a storage error; it is tried again after a growing delay.
+    fn pause_for_storage(&mut self, fx: &mut impl Effects, id: &str, why: String) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("pause_for_storage is only called for registered ids");
+        a.storage_failures = a.storage_failures.saturating_add(1);
+        let doublings = a.storage_failures.saturating_sub(1).min(20);
+        let delay =
+            (self.config.storage_retry_delay_ms << doublings).min(self.config.retry_delay_ms_max);
+        let message = format!("queue paused by a storage error, retrying in {delay} ms: {why}");
+        fx.log(LogLevel::Warn, Some(id), &message);
+        a.last_error = Some(why);
+        self.set_timer(fx, id, delay, TimerPurpose::Storage);
+    }
+
+    fn set_timer(&mut self, fx: &mut impl Effects, id: &str, delay_ms: u64, purpose: TimerPurpose) {
+        let now = fx.monotonic_now_ms();
+        let timer_id = fx.set_timer(delay_ms);
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("timers are only set for registered ids");
+        if let Some(old) = a.timer.replace(Timer {
+            id: timer_id,
+            due_ms: now + delay_ms,
+            purpose,
+        }) {
+            self.timers.remove(&old.id);
+            fx.cancel_timer(old.id);
+        }
+        self.timers.insert(timer_id, id.to_owned());
+    }
+
+    /// Marks an appservice without backlog UP.
+    fn finish_recovery(&mut self, fx: &mut impl Effects, id: &str) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("finish_recovery is only called for registered ids");
+        a.phase = Phase::Up;
+        a.cap_events = self.config.max_events_per_txn;
+        fx.log(LogLevel::Info, Some(id), "appservice is up");
+        self.persist_down_flag(fx, id, false);
+    }
+
+    /// Persists the DOWN flag. A failure is only logged: the flag is advice for the next start,
+    /// which resumes every appservice with a backlog anyway.
+    fn persist_down_flag(&mut self, fx: &mut impl Effects, id: &str, down: bool) {
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("persist_down_flag is only called for registered ids");
+        if a.record.down == down {
+            return;
+        }
+        let mut record = a.record.clone();
+        record.down = down;
+        match fx.commit(vec![WriteOp::Put(a.keys.meta(), to_json(&record))]) {
+            Ok(()) => a.record = record,
+            Err(error) => {
+                let message = format!("could not persist the down flag: {error}");
+                fx.log(LogLevel::Warn, Some(id), &message);
+            }
+        }
+    }
+}
+
+/// A transaction body formed from the head of a queue.
+struct BuiltBody {
+    body: Vec<u8>,
+    events: u64,
+    event_bytes: u64,
+    first_enqueued_at_ms: u64,
+}
+
+/// Joins queued events into `{"events":[...]}` without parsing them again, stopping at the byte
+/// cap (the first event always goes in). Errors when the entries do not start at `head` or
+/// have gaps, which would mean the store lost events.
+fn build_body(
+    keys: &Keys,
+    head: u64,
+    entries: &[(String, Vec<u8>)],
+    max_body_bytes: u32,
+) -> Result<BuiltBody, String> {
+    const OPEN: &[u8] = b"{\"events\":[";
+    const CLOSE: &[u8] = b"]}";
+    let max = max_body_bytes as usize;
+    let mut body = Vec::with_capacity(max.min(64 * 1024));
+    body.extend_from_slice(OPEN);
+    let mut built = BuiltBody {
+        body: Vec::new(),
+        events: 0,
+        event_bytes: 0,
+        first_enqueued_at_ms: 0,
+    };
+    for (key, value) in entries {
+        let expected = head + built.events;
+        if keys.seq_of(key) != Some(expected) {
+            return Err(format!(
+                "queued event {expected} is missing from the store (found key {key})"
+            ));
+        }
+        let (enqueued_at, json) = layout::decode_queued(value)
+            .ok_or_else(|| format!("queued event {expected} is truncated in the store"))?;
+        let comma = usize::from(built.events > 0);
+        if built.events > 0 && body.len() + comma + json.len() + CLOSE.len() > max {
+            break;
+        }
+        if built.events == 0 {
+            built.first_enqueued_at_ms = enqueued_at;
+        } else {
+            body.push(b',');
+        }
+        body.extend_from_slice(json);
+        built.events += 1;
+        built.event_bytes += json.len() as u64;
+    }
+    if built.events == 0 {
+        return Err(format!("queued event {head} is missing from the store"));
+    }
+    body.extend_from_slice(CLOSE);
+    built.body = body;
+    Ok(built)
+}
+
+/// Checks that an item is one JSON object and returns it without surrounding whitespace.
+fn validate_event(json: &str) -> Result<&str, String> {
+    let raw: &RawValue = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
+    let text = raw.get();
+    if !text.starts_with('{') {
+        return Err("a room event must be a JSON object".into());
+    }
+    Ok(text)
+}
+
+/// The status of an appservice's oldest undelivered event, read from the store when no stored
+/// transaction holds it.
+fn oldest_enqueued_at(fx: &mut impl Effects, a: &Appservice) -> Option<u64> {
+    if let Some(txn) = &a.txn {
+        return Some(txn.first_enqueued_at_ms);
+    }
+    if a.record.head == a.record.tail {
+        return None;
+    }
+    let value = fx.get(&a.keys.queued(a.record.head)).ok()??;
+    layout::decode_queued(&value).map(|(at, _)| at)
+}
+
+/// A failed outcome in words, for logs and status.
+fn describe_failure(outcome: &SendOutcome) -> String {
+    match outcome {
+        SendOutcome::Response { status, .. } => format!("HTTP {status}"),
+        SendOutcome::Timeout => "timed out".into(),
+        SendOutcome::ConnectFailed(why) => format!("connection failed: {why}"),
+        SendOutcome::ConnectionLost(why) => format!("connection lost: {why}"),
+    }
+}
+
+/// Whether the appservice refused our credentials.
+fn is_auth_failure(outcome: &SendOutcome) -> bool {
+    matches!(
+        outcome,
+        SendOutcome::Response {
+            status: 401 | 403,
+            ..
+        }
+    )
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(
+    fx: &mut impl Effects,
+    key: &str,
+) -> Result<Option<T>, String> {
+    let Some(bytes) = fx.get(key).map_err(|e| format!("reading {key}: {e}"))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{key} is corrupt: {e}"))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records are plain structs of strings and numbers")
+}

@@ -1,0 +1,187 @@
+//! The `store` import on SQLite: one table of ordered keys, WAL journal, `synchronous=FULL`.
+//!
+//! Every commit is one SQLite transaction, so it is atomic, and with `synchronous=FULL` it is on
+//! disk when it returns. Group commit happens one level up: the engine hands the plugin every
+//! enqueue that arrived since the last call in one batch, and the plugin writes them in one
+//! commit, so many enqueues share one fsync.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+
+/// Why a store operation failed, in the plugin's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database is busy or locked.
+    Unavailable(String),
+    /// The database answered with an error.
+    Failed(String),
+}
+
+/// One write inside a commit.
+#[derive(Clone, Debug)]
+pub enum Write {
+    /// Store a value.
+    Put(String, Vec<u8>),
+    /// Remove a key.
+    Delete(String),
+    /// Remove `start <= key < end`.
+    DeleteRange(String, String),
+}
+
+/// A SQLite database holding the plugin's keys.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the database file at `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))?;
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "{}: WAL journal not available",
+            path.display()
+        );
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .with_context(|| format!("cannot prepare the SQLite store {}", path.display()))?;
+        Ok(SqliteStore { conn })
+    }
+
+    /// Reads one key.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT value FROM kv WHERE key = ?1")
+            .map_err(map_error)?;
+        stmt.query_row(params![key], |row| row.get(0))
+            .optional()
+            .map_err(map_error)
+    }
+
+    /// Reads up to `limit` entries with `start <= key < end`, in key order.
+    pub fn scan(
+        &self,
+        start: &str,
+        end: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3",
+            )
+            .map_err(map_error)?;
+        let rows = stmt
+            .query_map(params![start, end, limit], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .map_err(map_error)?;
+        rows.collect::<Result<_, _>>().map_err(map_error)
+    }
+
+    /// Applies `writes` as one durable transaction.
+    pub fn commit(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(map_error)?;
+        {
+            let mut put = tx
+                .prepare_cached("INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")
+                .map_err(map_error)?;
+            let mut delete = tx
+                .prepare_cached("DELETE FROM kv WHERE key = ?1")
+                .map_err(map_error)?;
+            let mut delete_range = tx
+                .prepare_cached("DELETE FROM kv WHERE key >= ?1 AND key < ?2")
+                .map_err(map_error)?;
+            for write in writes {
+                match write {
+                    Write::Put(key, value) => put.execute(params![key, value]),
+                    Write::Delete(key) => delete.execute(params![key]),
+                    Write::DeleteRange(start, end) => delete_range.execute(params![start, end]),
+                }
+                .map_err(map_error)?;
+            }
+        }
+        tx.commit().map_err(map_error)
+    }
+
+    /// The number of keys with `prefix`, for tests and diagnostics.
+    pub fn count_prefix(&self, prefix: &str) -> Result<u64, StoreError> {
+        let end = format!("{prefix}\u{10FFFF}");
+        self.conn
+            .query_row(
+                "SELECT count(*) FROM kv WHERE key >= ?1 AND key < ?2",
+                params![prefix, end],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(map_error)
+    }
+}
+
+fn map_error(error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Unavailable(error.to_string())
+        }
+        _ => StoreError::Failed(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store(name: &str) -> (SqliteStore, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("asched-store-{name}-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        (SqliteStore::open(&path).unwrap(), path)
+    }
+
+    /// Commits apply in order; scans return keys in byte order within the range and limit.
+    #[test]
+    fn commit_and_scan_in_key_order() {
+        let (mut store, path) = temp_store("order");
+        store
+            .commit(&[
+                Write::Put("q/2".into(), b"two".to_vec()),
+                Write::Put("q/1".into(), b"one".to_vec()),
+                Write::Put("q/3".into(), b"three".to_vec()),
+                Write::Put("r".into(), b"other".to_vec()),
+                Write::Put("q/3".into(), b"THREE".to_vec()),
+            ])
+            .unwrap();
+        let all = store.scan("q/", "q0", 10).unwrap();
+        let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["q/1", "q/2", "q/3"]);
+        assert_eq!(all[2].1, b"THREE");
+        assert_eq!(store.scan("q/", "q0", 2).unwrap().len(), 2);
+        store
+            .commit(&[
+                Write::DeleteRange("q/1".into(), "q/3".into()),
+                Write::Delete("r".into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.scan("", "\u{10FFFF}", 10).unwrap(),
+            vec![("q/3".to_owned(), b"THREE".to_vec())]
+        );
+        assert_eq!(store.get("r").unwrap(), None);
+        drop(store);
+        let reopened = SqliteStore::open(&path).unwrap();
+        assert_eq!(reopened.get("q/3").unwrap(), Some(b"THREE".to_vec()));
+        std::fs::remove_file(&path).unwrap();
+    }
+}

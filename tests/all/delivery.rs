@@ -1,0 +1,44 @@
+//! Delivery through the real component, SQLite and HTTP: batching, ordering, ids, answers.
+
+use std::time::Duration;
+
+use asched_tests::{Receiver, Reply, TestHost, event, fast_retries, ids, registration, temp_dir};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The first event to an idle appservice goes out alone; events that arrive while it is in
+/// flight follow in one batch; every event arrives once, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn first_event_goes_alone_and_the_rest_batch_behind_it() {
+    let receiver = Receiver::start(|requests| {
+        let delay = if requests.len() == 1 {
+            Duration::from_millis(300)
+        } else {
+            Duration::ZERO
+        };
+        Reply::Respond {
+            status: 200,
+            content_type: Some("application/json"),
+            body: "{}",
+            delay,
+        }
+    })
+    .await;
+    let dir = temp_dir("batching");
+    let host = TestHost::start(
+        &dir,
+        vec![registration("as1", Some(&receiver.url()))],
+        fast_retries(),
+    );
+    host.enqueue_each("as1", (1..=10).map(event)).await;
+    let seen = receiver.wait_for_events(10, WAIT).await;
+    assert_eq!(seen, ids(1, 10));
+    let batches: Vec<Vec<String>> = receiver
+        .requests()
+        .into_iter()
+        .map(|r| r.event_ids)
+        .collect();
+    assert_eq!(batches, vec![ids(1, 1), ids(2, 10)]);
+    assert_eq!(receiver.max_concurrent(), 1);
+    host.stop().await;
+}

@@ -283,7 +283,15 @@ impl Scheduler {
             let record = match read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)? {
                 Some(record) => record,
                 None => {
-                    let record = Record::new(format!("{:016x}", fx.random_u64()));
+                    let mut record = Record::new(format!("{:016x}", fx.random_u64()));
+                    rebuild_queue_bounds(fx, &keys, &mut record).map_err(StartError::Storage)?;
+                    if record.head < record.tail {
+                        let message = format!(
+                            "record lost; rebuilt it from {} stored events under a new txn-id epoch",
+                            record.tail - record.head
+                        );
+                        fx.log(LogLevel::Warn, Some(id), &message);
+                    }
                     created.push(WriteOp::Put(keys.meta(), to_json(&record)));
                     record
                 }
@@ -499,9 +507,10 @@ impl Scheduler {
         }
     }
 
-    /// Catches up on anything due: a queue that is idle while it has work is started, a DOWN
-    /// appservice without a retry timer gets one.
+    /// Catches up on anything due: a timer the host missed is fired, a queue that is idle while
+    /// it has work is started, a DOWN appservice without a retry timer gets one.
     pub fn tick(&mut self, fx: &mut impl Effects) {
+        self.fire_overdue_timers(fx);
         let idle: Vec<(String, Phase)> = self
             .appservices
             .values()
@@ -515,6 +524,24 @@ impl Scheduler {
             } else {
                 self.dispatch(fx, &id, false);
             }
+        }
+    }
+
+    /// Fires every timer whose due time has passed, as if the host had reported it: a timer the
+    /// host lost must not leave its queue idle for good. If the host reports it later, the
+    /// handle is unknown by then and ignored.
+    fn fire_overdue_timers(&mut self, fx: &mut impl Effects) {
+        let now = fx.monotonic_now_ms();
+        let overdue: Vec<u64> = self
+            .appservices
+            .values()
+            .filter_map(|a| a.timer)
+            .filter(|t| t.due_ms <= now)
+            .map(|t| t.id)
+            .collect();
+        for timer_id in overdue {
+            fx.cancel_timer(timer_id);
+            self.timer_fired(fx, timer_id);
         }
     }
 
@@ -807,9 +834,12 @@ impl Scheduler {
     fn schedule_retry(&mut self, fx: &mut impl Effects, id: &str) {
         let failures = self.appservices[id].failed_attempts.max(1);
         let delay = backoff_delay_ms(&self.config, failures);
-        let spread = delay * u64::from(self.config.retry_jitter_percent) / 100;
-        let delay = delay - self.jitter.next() % (spread + 1);
-        self.set_timer(fx, id, delay, TimerPurpose::Retry);
+        // `delay * percent / 100` without overflow, for delays up to u64::MAX.
+        let percent = u64::from(self.config.retry_jitter_percent);
+        let spread = delay / 100 * percent + delay % 100 * percent / 100;
+        let random = self.jitter.next();
+        let cut = spread.checked_add(1).map_or(random, |range| random % range);
+        self.set_timer(fx, id, delay - cut, TimerPurpose::Retry);
     }
 
     /// Pauses a queue after a storage error; it is tried again after a growing delay.
@@ -820,8 +850,11 @@ impl Scheduler {
             .expect("pause_for_storage is only called for registered ids");
         a.storage_failures = a.storage_failures.saturating_add(1);
         let doublings = a.storage_failures.saturating_sub(1).min(20);
-        let delay =
-            (self.config.storage_retry_delay_ms << doublings).min(self.config.retry_delay_ms_max);
+        let delay = self
+            .config
+            .storage_retry_delay_ms
+            .saturating_mul(1 << doublings)
+            .min(self.config.retry_delay_ms_max);
         let message = format!("queue paused by a storage error, retrying in {delay} ms: {why}");
         fx.log(LogLevel::Warn, Some(id), &message);
         a.last_error = Some(why);
@@ -837,7 +870,7 @@ impl Scheduler {
             .expect("timers are only set for registered ids");
         if let Some(old) = a.timer.replace(Timer {
             id: timer_id,
-            due_ms: now + delay_ms,
+            due_ms: now.saturating_add(delay_ms),
             purpose,
         }) {
             self.timers.remove(&old.id);
@@ -878,6 +911,45 @@ impl Scheduler {
             }
         }
     }
+}
+
+/// How many queued events one scan reads while a lost record is rebuilt.
+const REBUILD_PAGE: u32 = 1000;
+
+/// Sets a new record's queue bounds and bytes from the events still stored under its keys.
+/// When a record is lost but its events are not, they are still delivered (the stored txn
+/// first, under its old id) and new events queue behind them instead of below the head, where
+/// they would never be sent. For an appservice seen for the first time the queue is empty and
+/// the record stays as it is.
+fn rebuild_queue_bounds(
+    fx: &mut impl Effects,
+    keys: &Keys,
+    record: &mut Record,
+) -> Result<(), String> {
+    let mut first = None;
+    let mut start = keys.queued(0);
+    loop {
+        let page = fx
+            .scan(&start, &keys.queue_end(), REBUILD_PAGE)
+            .map_err(|e| format!("scanning the queue of a lost record: {e}"))?;
+        for (key, value) in &page {
+            let Some(seq) = keys.seq_of(key) else {
+                continue;
+            };
+            first.get_or_insert(seq);
+            record.tail = seq
+                .checked_add(1)
+                .ok_or_else(|| format!("queued event {seq} has the last sequence number"))?;
+            record.queued_bytes +=
+                layout::decode_queued(value).map_or(0, |(_, json)| json.len()) as u64;
+        }
+        if page.len() < REBUILD_PAGE as usize {
+            break;
+        }
+        start = keys.queued(record.tail);
+    }
+    record.head = first.unwrap_or(record.tail);
+    Ok(())
 }
 
 /// A transaction body formed from the head of a queue.

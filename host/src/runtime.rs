@@ -130,7 +130,7 @@ impl LoadedPlugin {
     pub fn load(engine: &Engine, wasm: &[u8], cache_dir: &Path) -> wasmtime::Result<LoadedPlugin> {
         let sha256 = hex(&Sha256::digest(wasm));
         let component = compile_cached(engine, wasm, &sha256, cache_dir)?;
-        let linker = plugin_linker(engine)?;
+        let linker = plugin_linker::<HostState>(engine)?;
         let pre = linker
             .instantiate_pre(&component)
             .context("the plugin needs imports this host does not provide")?;
@@ -187,7 +187,7 @@ impl Instance {
 }
 
 /// Compiles the component, or reuses the compilation cached by an earlier run.
-fn compile_cached(
+pub fn compile_cached(
     engine: &Engine,
     wasm: &[u8],
     sha256: &str,
@@ -219,56 +219,52 @@ fn compile_cached(
     unsafe { Component::deserialize(engine, &compiled) }
 }
 
+/// What a store's data must provide to back a plugin: the six `asched:scheduler` imports and
+/// WASI's context (only `wasi:cli` and `wasi:io` are linked from it). The reference host's
+/// [`HostState`] is one; a simulator can bring its own.
+pub trait PluginImports:
+    WasiView
+    + types::Host
+    + store::Host
+    + http_send::Host
+    + timer::Host
+    + clock::Host
+    + random::Host
+    + log::Host
+    + 'static
+{
+    /// The resource table used by `wasi:io` streams.
+    fn table(&mut self) -> &mut ResourceTable;
+}
+
+impl PluginImports for HostState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
 /// The imports a plugin may use, and nothing else.
-fn plugin_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+pub fn plugin_linker<T: PluginImports>(engine: &Engine) -> wasmtime::Result<Linker<T>> {
     use wasmtime_wasi::cli::{WasiCli, WasiCliView};
-    use wasmtime_wasi::p2::bindings::sync as wasi;
+    use wasmtime_wasi::p2::bindings::cli;
+    use wasmtime_wasi::p2::bindings::sync::io;
 
     let mut linker = Linker::new(engine);
-    Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+    Plugin::add_to_linker::<T, HasSelf<T>>(&mut linker, |s| s)?;
     let l = &mut linker;
-    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<HostState, Table>(l, |s| {
-        &mut s.table
-    })?;
-    wasi::io::poll::add_to_linker::<HostState, Table>(l, |s| &mut s.table)?;
-    wasi::io::streams::add_to_linker::<HostState, Table>(l, |s| &mut s.table)?;
-    wasmtime_wasi::p2::bindings::cli::exit::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
-    wasmtime_wasi::p2::bindings::cli::environment::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::stdin::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::stdout::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::stderr::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::terminal_input::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::terminal_output::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::terminal_stdin::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::terminal_stdout::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
-    wasmtime_wasi::p2::bindings::cli::terminal_stderr::add_to_linker::<HostState, WasiCli>(
-        l,
-        HostState::cli,
-    )?;
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<T, Table>(l, T::table)?;
+    io::poll::add_to_linker::<T, Table>(l, T::table)?;
+    io::streams::add_to_linker::<T, Table>(l, T::table)?;
+    cli::exit::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::environment::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::stdin::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::stdout::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::stderr::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::terminal_input::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::terminal_output::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::terminal_stdin::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::terminal_stdout::add_to_linker::<T, WasiCli>(l, T::cli)?;
+    cli::terminal_stderr::add_to_linker::<T, WasiCli>(l, T::cli)?;
     Ok(linker)
 }
 

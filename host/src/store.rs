@@ -56,6 +56,14 @@ impl SqliteStore {
         Ok(SqliteStore { conn })
     }
 
+    /// Opens a database that lives only in this process's memory, for simulations: commits are
+    /// atomic but do not survive the process.
+    pub fn open_in_memory() -> anyhow::Result<Self> {
+        let conn = Connection::open_in_memory()?;
+        conn.execute_batch("CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;")?;
+        Ok(SqliteStore { conn })
+    }
+
     /// Reads one key.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut stmt = self

@@ -386,7 +386,11 @@ impl Scheduler {
             let keys = &self.appservices[id].keys;
             ops.push(WriteOp::Put(keys.meta(), to_json(record)));
         }
-        if let Err(error) = fx.commit(ops) {
+        let committed = fx.commit(ops);
+        // A deliberately broken build for the simulator's tests: it acknowledges batches whose
+        // commit failed, so their events are lost.
+        let committed = if cfg!(feature = "fault-ack-before-persist") { Ok(()) } else { committed };
+        if let Err(error) = committed {
             fx.log(
                 LogLevel::Warn,
                 None,
@@ -598,7 +602,9 @@ impl Scheduler {
             .appservices
             .get_mut(id)
             .expect("dispatch is only called for registered ids");
-        if a.in_flight.is_some() || a.timer.is_some() {
+        // A deliberately broken build for the simulator's tests ignores the send in flight.
+        let busy = a.in_flight.is_some() && !cfg!(feature = "fault-double-send");
+        if busy || a.timer.is_some() {
             return;
         }
         if a.unrecorded_success {
@@ -671,7 +677,10 @@ impl Scheduler {
             event_bytes: built.event_bytes,
             first_enqueued_at_ms: built.first_enqueued_at_ms,
         };
-        record.next_txn += 1;
+        // A deliberately broken build for the simulator's tests reuses the id for new content.
+        if !cfg!(feature = "fault-reuse-txn-id") {
+            record.next_txn += 1;
+        }
         let ops = vec![
             WriteOp::Put(a.keys.txn(), to_json(&txn)),
             WriteOp::Put(a.keys.txn_body(), built.body.clone()),
@@ -1014,6 +1023,10 @@ fn build_body(
 fn validate_event(json: &str) -> Result<&str, String> {
     let raw: &RawValue = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
     let text = raw.get();
+    // A test build traps on demand, so hosts and simulators can exercise their recovery.
+    if cfg!(feature = "test-traps") && text.contains("\"asched_test_trap\"") {
+        panic!("test trap requested by an enqueued item");
+    }
     if !text.starts_with('{') {
         return Err("a room event must be a JSON object".into());
     }

@@ -6,6 +6,9 @@
 //! it do what real appservices and proxies do: answer any status and body, answer late, never
 //! answer, or drop the connection after reading the request.
 
+pub mod sim;
+pub mod variants;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -545,4 +548,13 @@ impl Serve {
         let status = response.status().as_u16();
         (status, response.text().await.unwrap_or_default())
     }
+}
+
+/// A builder for clients of the sidecar API. reqwest is built here without a TLS crypto
+/// provider and panics when a client is built before one is installed; the host installs its
+/// own (`ring`) when it sets up its HTTP client, so one is set up first.
+pub fn api_client_builder() -> reqwest::ClientBuilder {
+    asched_host::http::Net::new(&HttpConfig::default(), &[], &[])
+        .expect("an HTTP client without appservices can be built");
+    reqwest::Client::builder().no_proxy()
 }

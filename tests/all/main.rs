@@ -5,6 +5,7 @@ mod bugs;
 mod crash;
 mod delivery;
 mod sidecar;
+mod simulation;
 mod third_party;
 
 use std::path::PathBuf;

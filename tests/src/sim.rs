@@ -131,6 +131,49 @@ pub struct StoreFaults {
     pub fail_nth: Option<u64>,
 }
 
+/// Which store operation a [`StoreRule`] matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreOp {
+    /// `get`.
+    Get,
+    /// `scan`.
+    Scan,
+    /// `commit`.
+    Commit,
+}
+
+/// A scripted store fault: the next `times` operations of kind `op` that touch a key containing
+/// `key_contains` fail.
+#[derive(Clone, Debug)]
+pub struct StoreRule {
+    /// The kind of operation.
+    pub op: StoreOp,
+    /// A part of a key the operation reads or writes.
+    pub key_contains: String,
+    /// How many more times it fails.
+    pub times: u32,
+}
+
+/// A request an appservice got, as scenarios inspect them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SentRequest {
+    /// The appservice's index.
+    pub appservice: usize,
+    /// The txn id.
+    pub txn_id: String,
+    /// The events' sequence numbers.
+    pub seqs: Vec<u64>,
+    /// The exact body.
+    pub body: Vec<u8>,
+}
+
+/// How a scripted appservice answers a request: whether it processes it, what the host is
+/// told, and after how many ms.
+pub type Planned = (bool, api::SendOutcome, u64);
+
+/// A scripted appservice: given every request it got so far (the current one last).
+pub type NetScript = Box<dyn FnMut(&[SentRequest]) -> Planned + Send>;
+
 /// Everything a run is derived from; printed on failure.
 #[derive(Clone, Debug)]
 pub struct Params {
@@ -253,6 +296,9 @@ struct World {
     next_handle: u64,
     checker: Checker,
     appservices: Vec<String>,
+    store_rules: Vec<StoreRule>,
+    scripts: BTreeMap<usize, NetScript>,
+    sent: Vec<SentRequest>,
 }
 
 impl World {
@@ -268,6 +314,19 @@ impl World {
 
     fn index_of(&self, appservice: &str) -> Option<usize> {
         self.appservices.iter().position(|a| a == appservice)
+    }
+
+    /// Whether a scripted rule fails this operation.
+    fn scripted_fault(&mut self, op: StoreOp, keys: &[&str]) -> Option<store::StoreError> {
+        let rule = self.store_rules.iter_mut().find(|r| {
+            r.op == op && r.times > 0 && keys.iter().any(|k| k.contains(&r.key_contains))
+        })?;
+        rule.times -= 1;
+        self.fault_injected = true;
+        Some(store::StoreError::Failed(format!(
+            "scripted {op:?} fault on a key containing {:?}",
+            rule.key_contains
+        )))
     }
 
     /// Whether the next store operation fails.
@@ -296,7 +355,10 @@ impl World {
     }
 
     /// Decides how a new send will end.
-    fn plan_send(&mut self, appservice: usize, body_len: usize) -> (bool, api::SendOutcome, u64) {
+    fn plan_send(&mut self, appservice: usize, body_len: usize) -> Planned {
+        if let Some(script) = self.scripts.get_mut(&appservice) {
+            return script(&self.sent);
+        }
         let profile = if self.faults_on {
             self.params.net[appservice].clone()
         } else {
@@ -377,8 +439,12 @@ pub struct Checker {
     acked: Vec<BTreeSet<u64>>,
     /// Per appservice: events whose enqueue was attempted.
     attempted: Vec<BTreeSet<u64>>,
-    /// Per appservice: events processed, in the order the appservice processed them.
-    processed: Vec<Vec<u64>>,
+    /// Per appservice: the last event processed.
+    last_processed: Vec<Option<u64>>,
+    /// Per appservice: every event processed.
+    processed: Vec<BTreeSet<u64>>,
+    /// Per appservice: acknowledged events not processed yet.
+    undelivered: Vec<BTreeSet<u64>>,
     /// Per appservice: txn ids the appservice processed.
     processed_txns: Vec<BTreeSet<String>>,
     /// Per appservice: the body each txn id was sent with.
@@ -394,7 +460,9 @@ impl Checker {
         Checker {
             acked: vec![BTreeSet::new(); appservices],
             attempted: vec![BTreeSet::new(); appservices],
-            processed: vec![Vec::new(); appservices],
+            last_processed: vec![None; appservices],
+            processed: vec![BTreeSet::new(); appservices],
+            undelivered: vec![BTreeSet::new(); appservices],
             processed_txns: vec![BTreeSet::new(); appservices],
             bodies: vec![BTreeMap::new(); appservices],
             violation: None,
@@ -439,7 +507,7 @@ impl Checker {
     }
 
     fn on_event(&mut self, appservice: usize, txn_id: &str, seq: u64) {
-        let last = self.processed[appservice].last().copied();
+        let last = self.last_processed[appservice];
         if self.processed[appservice].contains(&seq) {
             self.fail(format!(
                 "event {seq} reached as{appservice} twice, the second time in txn {txn_id}"
@@ -461,13 +529,24 @@ impl Checker {
         if let Some(skipped) = self.acked[appservice].range(floor..seq).next() {
             self.fail(format!("acknowledged event {skipped} was skipped: as{appservice} got {seq} first (txn {txn_id})"));
         }
-        self.processed[appservice].push(seq);
+        self.processed[appservice].insert(seq);
+        self.undelivered[appservice].remove(&seq);
+        self.last_processed[appservice] = Some(seq);
+    }
+
+    /// An enqueue was acknowledged.
+    fn on_acked(&mut self, appservice: usize, seqs: &[u64]) {
+        for &seq in seqs {
+            self.acked[appservice].insert(seq);
+            if !self.processed[appservice].contains(&seq) {
+                self.undelivered[appservice].insert(seq);
+            }
+        }
     }
 
     /// Acknowledged events not yet processed.
     fn undelivered(&self, appservice: usize) -> Vec<u64> {
-        let done: BTreeSet<u64> = self.processed[appservice].iter().copied().collect();
-        self.acked[appservice].difference(&done).copied().collect()
+        self.undelivered[appservice].iter().copied().collect()
     }
 }
 
@@ -533,6 +612,9 @@ fn sql_error(error: SqlError) -> store::StoreError {
 
 impl store::Host for SimState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, store::StoreError> {
+        if let Some(error) = self.world.scripted_fault(StoreOp::Get, &[&key]) {
+            return Err(error);
+        }
         if let Some(error) = self.world.store_fault(false) {
             return Err(error);
         }
@@ -559,6 +641,17 @@ impl store::Host for SimState {
     }
 
     fn commit(&mut self, ops: Vec<store::WriteOp>) -> Result<(), store::StoreError> {
+        let keys: Vec<&str> = ops
+            .iter()
+            .map(|op| match op {
+                store::WriteOp::Put(e) => e.key.as_str(),
+                store::WriteOp::Delete(key) => key.as_str(),
+                store::WriteOp::DeleteRange(r) => r.start.as_str(),
+            })
+            .collect();
+        if let Some(error) = self.world.scripted_fault(StoreOp::Commit, &keys) {
+            return Err(error);
+        }
         if let Some(error) = self.world.store_fault(true) {
             return Err(error);
         }
@@ -596,6 +689,13 @@ impl http_send::Host for SimState {
             .filter(|f| f.appservice == index)
             .count();
         world.checker.on_send(index, &txn_id, &body, others);
+        let seqs = event_seqs(&body);
+        world.sent.push(SentRequest {
+            appservice: index,
+            txn_id: txn_id.clone(),
+            seqs,
+            body: body.clone(),
+        });
         let (processed, outcome, latency) = world.plan_send(index, body.len());
         let id = world.handle();
         world.host.in_flight.insert(
@@ -805,6 +905,9 @@ impl<'c> Sim<'c> {
             next_handle: 0,
             checker: Checker::new(appservices.len()),
             appservices: appservices.clone(),
+            store_rules: Vec::new(),
+            scripts: BTreeMap::new(),
+            sent: Vec::new(),
             params,
         };
         Sim {
@@ -1013,7 +1116,7 @@ impl<'c> Sim<'c> {
         for ((appservice, these), result) in seqs.iter().zip(&results) {
             match result {
                 Ok(_) => {
-                    self.world().checker.acked[*appservice].extend(these.iter().copied());
+                    self.world().checker.on_acked(*appservice, these);
                     outcome.push("ok".to_owned());
                 }
                 Err(error) => outcome.push(format!("{error:?}")),
@@ -1192,15 +1295,21 @@ impl<'c> Sim<'c> {
             if let Some(violation) = self.violation() {
                 return Err(self.failure(violation));
             }
-            let appservices = self.world().appservices.len();
-            let undelivered: Vec<(usize, Vec<u64>)> = (0..appservices)
-                .map(|a| (a, self.world().checker.undelivered(a)))
-                .filter(|(_, u)| !u.is_empty())
-                .collect();
-            if undelivered.is_empty() {
+            if self
+                .world()
+                .checker
+                .undelivered
+                .iter()
+                .all(BTreeSet::is_empty)
+            {
                 break;
             }
             if self.world().now_ms > deadline || !self.advance() {
+                let appservices = self.world().appservices.len();
+                let undelivered: Vec<(usize, Vec<u64>)> = (0..appservices)
+                    .map(|a| (a, self.world().checker.undelivered(a)))
+                    .filter(|(_, u)| !u.is_empty())
+                    .collect();
                 let mut why =
                     String::from("liveness: acknowledged events not delivered after healing:");
                 for (a, u) in undelivered {
@@ -1228,6 +1337,128 @@ impl<'c> Sim<'c> {
             restarts: self.restarts,
             max_memory_bytes: self.max_memory_bytes,
         })
+    }
+}
+
+/// Scripted runs: named scenarios drive the world step by step, with the checkers on.
+impl<'c> Sim<'c> {
+    /// A run with `appservices` healthy appservices, no random faults, and `config`.
+    pub fn scripted(compiled: &'c Compiled, appservices: usize, config: api::Config) -> Sim<'c> {
+        let params = Params {
+            seed: 0,
+            variant: compiled.variant,
+            steps: 0,
+            config,
+            net: vec![NetProfile::healthy(); appservices],
+            store: StoreFaults::default(),
+            crash: 0,
+            trap: 0,
+            outage: 0,
+        };
+        let mut sim = Sim::new(compiled, params);
+        sim.world().schedule(1_000, Due::Tick);
+        sim.boot();
+        sim
+    }
+
+    /// Makes appservice `appservice` answer by `script`.
+    pub fn script(
+        &mut self,
+        appservice: usize,
+        script: impl FnMut(&[SentRequest]) -> Planned + Send + 'static,
+    ) {
+        self.world().scripts.insert(appservice, Box::new(script));
+    }
+
+    /// Lets appservice `appservice` answer like a healthy one again.
+    pub fn unscript(&mut self, appservice: usize) {
+        self.world().scripts.remove(&appservice);
+    }
+
+    /// Adds a scripted store fault.
+    pub fn store_rule(&mut self, op: StoreOp, key_contains: &str, times: u32) {
+        let rule = StoreRule {
+            op,
+            key_contains: key_contains.to_owned(),
+            times,
+        };
+        self.world().store_rules.push(rule);
+    }
+
+    /// Enqueues one event for `appservice` in its own call; returns its sequence number and
+    /// whether it was acknowledged.
+    pub fn enqueue_one(&mut self, appservice: usize) -> (u64, bool) {
+        let seq = self.next_seq[appservice];
+        self.next_seq[appservice] += 1;
+        let json = sim_event(&mut self.world().rng, appservice, seq, false);
+        self.world().checker.attempted[appservice].insert(seq);
+        let batch = [api::EnqueueBatch {
+            appservice: appservice_id(appservice),
+            items: vec![api::Item::RoomEvent(json)],
+        }];
+        let results = self.call("enqueue", |api, store| api.call_enqueue(store, &batch));
+        let acked = matches!(results.as_deref(), Some([Ok(_)]));
+        if acked {
+            self.world().checker.on_acked(appservice, &[seq]);
+        }
+        self.note(format!(
+            "enqueue as{appservice}:[{seq}] -> {}",
+            if acked { "ok" } else { "refused" }
+        ));
+        (seq, acked)
+    }
+
+    /// Delivers everything due in the next `ms` of virtual time.
+    pub fn run_for(&mut self, ms: u64) {
+        let until = self.world().now_ms + ms;
+        while self
+            .world()
+            .due
+            .iter()
+            .next()
+            .is_some_and(|(at, _, _)| *at <= until)
+        {
+            self.step += 1;
+            self.ensure_running();
+            self.advance();
+        }
+        let world = self.world();
+        world.now_ms = world.now_ms.max(until);
+    }
+
+    /// Crashes the host: the instance and all host memory are dropped; the store is kept.
+    pub fn crash(&mut self) {
+        self.note("crash".into());
+        self.stop_instance(true);
+        self.boot();
+    }
+
+    /// Every request the appservices got so far.
+    pub fn sent(&mut self) -> Vec<SentRequest> {
+        self.world().sent.clone()
+    }
+
+    /// The plugin's status of `appservice`.
+    pub fn status(&mut self, appservice: usize) -> Option<api::AppserviceStatus> {
+        let id = appservice_id(appservice);
+        self.call("status", |api, store| api.call_status(store))?
+            .into_iter()
+            .find(|s| s.appservice == id)
+    }
+
+    /// The first violation so far, as a full failure report.
+    pub fn check(&mut self) -> Result<(), Failure> {
+        match self.violation() {
+            Some(violation) => Err(self.failure(violation)),
+            None => Ok(()),
+        }
+    }
+
+    /// Heals the world and checks that every acknowledged event is delivered.
+    pub fn finish(mut self) -> Result<Report, Failure> {
+        self.world().scripts.clear();
+        self.world().store_rules.clear();
+        self.heal_and_drain()
     }
 }
 

@@ -133,7 +133,7 @@ impl Net {
             .body(body);
         let response = match request.send().await {
             Ok(response) => response,
-            Err(error) => return classify(&error),
+            Err(error) => return classify(error),
         };
         let status = response.status().as_u16();
         match response.bytes().await {
@@ -144,7 +144,7 @@ impl Net {
                     body_is_json,
                 })
             }
-            Err(error) => classify(&error),
+            Err(error) => classify(error),
         }
     }
 }
@@ -160,10 +160,13 @@ fn form_urlencoded_byte(value: &str) -> impl Iterator<Item = String> + '_ {
     })
 }
 
-/// Maps a client error to the plugin's outcome kinds, with the chain of causes in words.
-fn classify(error: &reqwest::Error) -> SendOutcome {
+/// Maps a client error to the plugin's outcome kinds, with the chain of causes in words. The
+/// URL is removed first: it can carry the token (`?access_token=`), and neither the plugin nor
+/// the logs may see it.
+fn classify(error: reqwest::Error) -> SendOutcome {
+    let error = error.without_url();
     let mut why = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         why.push_str(": ");
         why.push_str(&cause.to_string());

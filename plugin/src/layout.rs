@@ -5,7 +5,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `as/{id}/meta` | [`Record`] as JSON: txn-id epoch and counter, DOWN flag, queue bounds |
+//! | `as/{id}/meta` | [`Record`] as JSON: txn-id epoch and counter, DOWN flag and backoff, queue bounds |
 //! | `as/{id}/q/{seq}` | one undelivered event: 8 bytes of enqueue time (ms since the Unix epoch, little endian), then its JSON |
 //! | `as/{id}/txn` | [`StoredTxn`] as JSON: the transaction being sent or retried |
 //! | `as/{id}/txn-body` | that transaction's exact body bytes |
@@ -30,6 +30,13 @@ pub struct Record {
     pub tail: u64,
     /// Total JSON bytes of the undelivered events.
     pub queued_bytes: u64,
+    /// Failed attempts since the last success, so the backoff continues after a restart.
+    #[serde(default)]
+    pub failed_attempts: u32,
+    /// When the next retry of a DOWN appservice is due, in ms since the Unix epoch, so a
+    /// restart or a new plugin instance keeps the backoff instead of retrying at once.
+    #[serde(default)]
+    pub retry_at_ms: Option<u64>,
 }
 
 impl Record {
@@ -42,6 +49,8 @@ impl Record {
             head: 0,
             tail: 0,
             queued_bytes: 0,
+            failed_attempts: 0,
+            retry_at_ms: None,
         }
     }
 }

@@ -298,6 +298,7 @@ impl Scheduler {
             };
             let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
             let phase = if record.down { Phase::Down } else { Phase::Up };
+            let failed_attempts = record.failed_attempts;
             let appservice = Appservice {
                 id: id.clone(),
                 keys,
@@ -306,7 +307,7 @@ impl Scheduler {
                 phase,
                 in_flight: None,
                 timer: None,
-                failed_attempts: 0,
+                failed_attempts,
                 storage_failures: 0,
                 last_error: None,
                 unrecorded_success: false,
@@ -357,11 +358,24 @@ impl Scheduler {
                     a.record.tail - a.record.head
                 );
                 fx.log(LogLevel::Info, Some(&id), &message);
-                self.dispatch(fx, &id, true);
+                let wait = self.remaining_backoff_ms(fx, &id);
+                match wait {
+                    Some(delay) => self.set_timer(fx, &id, delay, TimerPurpose::Retry),
+                    None => self.dispatch(fx, &id, true),
+                }
             } else if a.phase != Phase::Up {
                 self.finish_recovery(fx, &id);
             }
         }
+    }
+
+    /// How long a DOWN appservice still waits for its persisted retry, if it does (never more
+    /// than the retry cap, whatever the clocks did).
+    fn remaining_backoff_ms(&self, fx: &mut impl Effects, id: &str) -> Option<u64> {
+        let a = &self.appservices[id];
+        let due = a.record.retry_at_ms.filter(|_| a.phase == Phase::Down)?;
+        let now_wall = fx.wall_clock_now_ms();
+        (due > now_wall).then(|| (due - now_wall).min(self.config.retry_delay_ms_max))
     }
 
     /// Stores each batch and starts sends for idle appservices. One commit covers every
@@ -389,7 +403,11 @@ impl Scheduler {
         let committed = fx.commit(ops);
         // A deliberately broken build for the simulator's tests: it acknowledges batches whose
         // commit failed, so their events are lost.
-        let committed = if cfg!(feature = "fault-ack-before-persist") { Ok(()) } else { committed };
+        let committed = if cfg!(feature = "fault-ack-before-persist") {
+            Ok(())
+        } else {
+            committed
+        };
         if let Err(error) = committed {
             fx.log(
                 LogLevel::Warn,
@@ -735,6 +753,8 @@ impl Scheduler {
         record.queued_bytes -= txn.event_bytes;
         let drained = record.head == record.tail;
         record.down = a.phase != Phase::Up && !drained;
+        record.failed_attempts = 0;
+        record.retry_at_ms = None;
         let ops = vec![
             WriteOp::DeleteRange(a.keys.queued(txn.first), a.keys.queued(txn.end)),
             WriteOp::Delete(a.keys.txn()),
@@ -834,13 +854,35 @@ impl Scheduler {
         if a.phase != Phase::Down {
             a.phase = Phase::Down;
             fx.log(LogLevel::Info, Some(id), "appservice is down");
-            self.persist_down_flag(fx, id, true);
         }
-        self.schedule_retry(fx, id);
+        let delay = self.schedule_retry(fx, id);
+        self.persist_backoff(fx, id, delay);
     }
 
-    /// Sets the retry timer after a failure, with backoff and jitter.
-    fn schedule_retry(&mut self, fx: &mut impl Effects, id: &str) {
+    /// Persists the DOWN flag, the failure count and when the retry is due, so that a restart
+    /// or another plugin instance continues the backoff. A failure is only logged: a start
+    /// without it retries at once, which is safe.
+    fn persist_backoff(&mut self, fx: &mut impl Effects, id: &str, delay_ms: u64) {
+        let now_wall = fx.wall_clock_now_ms();
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("persist_backoff is only called for registered ids");
+        let mut record = a.record.clone();
+        record.down = true;
+        record.failed_attempts = a.failed_attempts;
+        record.retry_at_ms = Some(now_wall.saturating_add(delay_ms));
+        match fx.commit(vec![WriteOp::Put(a.keys.meta(), to_json(&record))]) {
+            Ok(()) => a.record = record,
+            Err(error) => {
+                let message = format!("could not persist the backoff: {error}");
+                fx.log(LogLevel::Warn, Some(id), &message);
+            }
+        }
+    }
+
+    /// Sets the retry timer after a failure, with backoff and jitter; returns its delay.
+    fn schedule_retry(&mut self, fx: &mut impl Effects, id: &str) -> u64 {
         let failures = self.appservices[id].failed_attempts.max(1);
         let delay = backoff_delay_ms(&self.config, failures);
         // `delay * percent / 100` without overflow, for delays up to u64::MAX.
@@ -849,6 +891,7 @@ impl Scheduler {
         let random = self.jitter.next();
         let cut = spread.checked_add(1).map_or(random, |range| random % range);
         self.set_timer(fx, id, delay - cut, TimerPurpose::Retry);
+        delay - cut
     }
 
     /// Pauses a queue after a storage error; it is tried again after a growing delay.

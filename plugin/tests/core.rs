@@ -1157,21 +1157,31 @@ fn recovery_drains_back_to_back_then_is_up() {
 // Crashes
 // ---------------------------------------------------------------------------------------------
 
-/// DOWN is persisted: after a crash while DOWN, the new instance resends the stored txn at
-/// start, then recovers.
+/// DOWN and its backoff are persisted: after a crash while DOWN, the new instance retries the
+/// stored txn when the backoff that was running expires (not at once, which would hammer a
+/// failing appservice on every restart), then recovers.
 #[test]
-fn down_survives_a_crash_and_delivery_resumes_at_start() {
+fn down_and_backoff_survive_a_crash() {
     let mut h = Harness::new(config(), &[AS1]);
     h.enq_ok(AS1, &[ev(1)]);
     let x = h.finish_open(AS1, SendOutcome::Timeout);
+    assert_eq!(h.meta(AS1)["failed_attempts"], 1);
     h.enq_ok(AS1, &[ev(2)]);
     h.advance(500);
     h.restart();
+    assert_eq!(
+        h.sends(AS1).len(),
+        1,
+        "nothing is sent at start while the backoff runs"
+    );
+    assert_eq!(h.status(AS1).next_retry_in_ms, Some(1_500));
+    assert_eq!(h.status(AS1).failed_attempts, 1);
+    h.advance(1_500);
     let resent = h.open(AS1);
     assert_eq!(
         resent.at_ms,
-        MONO0 + 500,
-        "sent at start, not after the backoff"
+        MONO0 + 2_000,
+        "sent when the persisted retry is due"
     );
     assert_eq!(
         (resent.txn_id.as_str(), &resent.body),
@@ -1185,6 +1195,7 @@ fn down_survives_a_crash_and_delivery_resumes_at_start() {
     assert_eq!(next.txn_id, h.id(AS1, 2));
     assert_eq!(h.status(AS1).phase, Phase::Up);
     assert_eq!(h.meta(AS1)["down"], false);
+    assert_eq!(h.meta(AS1)["failed_attempts"], 0);
 }
 
 /// F1: E1 in flight, E2 and E3 queued, crash: the new instance first resends the same id with
@@ -1418,6 +1429,7 @@ fn f17_unreadable_body_at_restart_waits_and_is_sent_whole() {
     let x = h.finish_open(AS1, SendOutcome::Timeout);
     h.world.faults.unreadable.insert("as/as1/txn-body".into());
     h.restart();
+    h.advance(2_000);
     assert_eq!(h.sends(AS1).len(), 1);
     assert!(h.status(AS1).paused_by_storage);
     h.world.faults.unreadable.clear();

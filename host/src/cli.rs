@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::{HostConfig, SchedulerConfig, default_scheduler_config};
 use crate::http::HttpConfig;
+use crate::runtime::Sandbox;
 use crate::sidecar::{self, Listen};
 use crate::{Host, registration};
 
@@ -31,6 +32,17 @@ enum Command {
     /// Runs the scheduler as a sidecar: a local HTTP API takes events and delivers them to the
     /// registered appservices.
     Serve(ServeArgs),
+    /// Replaces the plugin of a running sidecar with a component file, without a restart.
+    Swap {
+        /// The sidecar's API, for example `http://127.0.0.1:8785`.
+        #[arg(long, default_value = "http://127.0.0.1:8785", env = "ASCHED_API")]
+        api: String,
+        /// The file holding the sidecar's shared secret.
+        #[arg(long, env = "ASCHED_SECRET_FILE")]
+        secret_file: PathBuf,
+        /// The component file (`.wasm`).
+        plugin: PathBuf,
+    },
     /// Checks registration files and prints what they define.
     CheckRegistrations {
         /// Registration YAML files or folders of them.
@@ -69,6 +81,31 @@ struct ServeArgs {
     max_request_bytes: usize,
     #[command(flatten)]
     tuning: Tuning,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+}
+
+/// Limits of the plugin's sandbox.
+#[derive(Args, Debug)]
+struct SandboxArgs {
+    /// The most linear memory a plugin instance may use, in MiB.
+    #[arg(long, default_value_t = 256)]
+    plugin_memory_mib: usize,
+    /// The most time one plugin call may run before it is interrupted, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    plugin_call_deadline_ms: u64,
+    /// How long a swapped-in plugin is watched; a failure within it restores the previous one.
+    #[arg(long, default_value_t = 10_000)]
+    probation_ms: u64,
+}
+
+impl SandboxArgs {
+    fn sandbox(&self) -> Sandbox {
+        Sandbox {
+            memory_bytes_max: self.plugin_memory_mib.saturating_mul(1024 * 1024),
+            call_deadline: Duration::from_millis(self.plugin_call_deadline_ms),
+        }
+    }
 }
 
 /// Delivery limits and delays; the defaults are those of mature homeservers.
@@ -127,6 +164,11 @@ pub fn main() -> ExitCode {
             runtime().and_then(|rt| rt.block_on(crate::demo::run(&data_dir)))
         }
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve(args))),
+        Command::Swap {
+            api,
+            secret_file,
+            plugin,
+        } => runtime().and_then(|rt| rt.block_on(swap(&api, &secret_file, &plugin))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,18 +218,7 @@ fn check_registrations(paths: &[PathBuf]) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let secret = std::fs::read_to_string(&args.secret_file).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the secret file {}: {e}",
-            args.secret_file.display()
-        )
-    })?;
-    let secret = secret.trim().to_owned();
-    anyhow::ensure!(
-        secret.len() >= 16,
-        "{}: the secret must be at least 16 characters",
-        args.secret_file.display()
-    );
+    let secret = read_secret(&args.secret_file)?;
     let config = HostConfig {
         data_dir: args.data_dir,
         registrations: registration::load(&args.registrations)?,
@@ -195,6 +226,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         scheduler: args.tuning.scheduler(),
         http: args.tuning.http(),
         legacy_query_auth: args.legacy_query_auth,
+        sandbox: args.sandbox.sandbox(),
+        probation: Duration::from_millis(args.sandbox.probation_ms),
     };
     let count = config.registrations.len();
     let (host, engine) = Host::start(config)?;
@@ -222,4 +255,46 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     host.shutdown();
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;
     Ok(())
+}
+
+/// Sends a component to a running sidecar's swap endpoint and prints the outcome.
+async fn swap(
+    api: &str,
+    secret_file: &std::path::Path,
+    plugin: &std::path::Path,
+) -> anyhow::Result<()> {
+    let secret = read_secret(secret_file)?;
+    let wasm = std::fs::read(plugin)
+        .map_err(|e| anyhow::anyhow!("cannot read the plugin {}: {e}", plugin.display()))?;
+    crate::http::install_crypto_provider();
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let response = client
+        .post(format!("{}/_asched/v1/plugin", api.trim_end_matches('/')))
+        .bearer_auth(secret)
+        .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+        .body(wasm)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the sidecar at {api}: {e}"))?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success(),
+        "the sidecar refused the plugin ({status}): {body}"
+    );
+    println!("{body}");
+    Ok(())
+}
+
+/// Reads a secret file: its content, trimmed, at least 16 characters.
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let secret = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the secret file {}: {e}", path.display()))?;
+    let secret = secret.trim().to_owned();
+    anyhow::ensure!(
+        secret.len() >= 16,
+        "{}: the secret must be at least 16 characters",
+        path.display()
+    );
+    Ok(secret)
 }

@@ -110,6 +110,8 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         scheduler: default_scheduler_config(),
         http: HttpConfig::default(),
         legacy_query_auth: Vec::new(),
+        sandbox: Default::default(),
+        probation: crate::engine::DEFAULT_PROBATION,
     };
     let (host, engine) = Host::start(config)?;
     let feeders = feed(&host, &plan);

@@ -1,10 +1,24 @@
 //! The engine: one thread that owns the plugin instance and feeds it every input in order.
 //!
-//! Requests (enqueue, force retry, status), send outcomes and timers arrive on one channel. The
-//! thread takes everything waiting, hands all enqueues to the plugin in one call (so they share
-//! one durable commit), then the other inputs, and ticks the plugin about once a second. If the
-//! plugin traps, the instance is rebuilt from the store with the sends still in flight handed
-//! over; callers of the failed call get an error, never a false "stored".
+//! Requests (enqueue, force retry, status, swap), send outcomes and timers arrive on one
+//! channel. The thread takes everything waiting, hands all enqueues to the plugin in one call
+//! (so they share one durable commit), then the other inputs, and ticks the plugin about once a
+//! second.
+//!
+//! The instance is disposable; the store and the host's [`Io`] (sends in flight, timers) are
+//! not:
+//!
+//! - **Traps.** If a call traps (a panic, a runaway loop stopped by the CPU deadline, memory
+//!   exhausted), its callers get an error, never a false "stored"; the instance is dropped and a
+//!   new one starts from the store, with the sends still in flight handed over. Outcomes that
+//!   arrive meanwhile are kept and delivered to the new instance. A build that keeps failing is
+//!   held back with a growing delay (visible in [`PluginStatus`]); enqueues are refused, not
+//!   lost, while it is.
+//! - **Swaps.** A new component is compiled and type-checked by the caller's thread (off the
+//!   engine's path), then cut over between two rounds: the old instance is dropped, the new one
+//!   starts with the sends in flight. Enqueues that arrive during the swap wait in the channel.
+//!   Backoffs are in the store, so retries stay due at the same time. If the new build fails to
+//!   start, or traps within the probation period, the previous build is restored.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -17,7 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::http::{HttpConfig, Net};
 use crate::registration::Registration;
-use crate::runtime::{self, Instance, Io, LoadedPlugin, api};
+use crate::runtime::{self, Instance, Io, LoadedPlugin, Sandbox, api};
 use crate::store::SqliteStore;
 
 /// How often the plugin is ticked.
@@ -26,12 +40,14 @@ pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 /// The most inputs taken in one round, so replies keep flowing under a flood.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
 
-/// The first delay before a failed plugin instance is rebuilt; doubles per failure up to
-/// [`REBUILD_DELAY_MAX`].
+/// The first delay before a repeatedly failing plugin is rebuilt; doubles per failure.
 const REBUILD_DELAY_INITIAL: Duration = Duration::from_millis(100);
 
-/// The longest delay between two attempts to rebuild a failed plugin instance.
+/// The longest delay between two attempts to rebuild a failing plugin.
 const REBUILD_DELAY_MAX: Duration = Duration::from_secs(30);
+
+/// Failures further apart than this do not count as "repeated".
+const FAILURE_MEMORY: Duration = Duration::from_secs(60);
 
 /// The plugin bundled with this host, built from `plugin/` for `wasm32-wasip2`.
 pub static EMBEDDED_PLUGIN: &[u8] = include_bytes!(env!("ASCHED_PLUGIN_WASM"));
@@ -51,7 +67,14 @@ pub struct HostConfig {
     pub http: HttpConfig,
     /// Appservices that also get `?access_token=` on each request.
     pub legacy_query_auth: Vec<String>,
+    /// The plugin's memory cap and CPU deadline per call.
+    pub sandbox: Sandbox,
+    /// How long a swapped-in build is watched; a trap within it restores the previous build.
+    pub probation: Duration,
 }
+
+/// The default probation of a swapped-in build.
+pub const DEFAULT_PROBATION: Duration = Duration::from_secs(10);
 
 /// The scheduler's limits and delays (see the WIT `config` record).
 pub type SchedulerConfig = api::Config;
@@ -89,7 +112,7 @@ pub enum EnqueueError {
     /// The store failed; nothing was stored.
     #[error("not stored: {0}")]
     Storage(String),
-    /// The plugin failed during the call; nothing was acknowledged. Safe to retry.
+    /// The plugin failed or is not running; nothing was acknowledged. Safe to retry.
     #[error("the scheduler plugin failed: {0}")]
     PluginFailed(String),
     /// The host is shutting down.
@@ -102,7 +125,8 @@ pub enum EnqueueError {
 pub struct AppserviceStatus {
     /// The appservice.
     pub appservice: String,
-    /// `up`, `down`, `recovering`, or `no-traffic` for `url: null`.
+    /// `up`, `down`, `recovering`, `no-traffic` for `url: null`, or `unknown` while the plugin
+    /// is not running.
     pub state: &'static str,
     /// Undelivered transactions (stored plus to be formed).
     pub backlog_txns: u64,
@@ -124,43 +148,141 @@ pub struct AppserviceStatus {
     pub next_retry_in_ms: Option<u64>,
     /// Whether a storage error paused the queue.
     pub paused_by_storage: bool,
-    /// Transactions delivered since the host started.
+    /// Transactions delivered by the running plugin instance.
     pub delivered_txns: u64,
-    /// Events delivered since the host started.
+    /// Events delivered by the running plugin instance.
     pub delivered_events: u64,
+}
+
+impl AppserviceStatus {
+    /// A status with nothing known but the id and state.
+    fn bare(appservice: &str, state: &'static str) -> AppserviceStatus {
+        AppserviceStatus {
+            appservice: appservice.to_owned(),
+            state,
+            backlog_txns: 0,
+            backlog_events: 0,
+            backlog_bytes: 0,
+            oldest_undelivered_age_ms: None,
+            current_txn_id: None,
+            in_flight: false,
+            failed_attempts: 0,
+            last_error: None,
+            next_retry_in_ms: None,
+            paused_by_storage: false,
+            delivered_txns: 0,
+            delivered_events: 0,
+        }
+    }
+}
+
+/// What an operator sees about the plugin itself.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PluginStatus {
+    /// SHA-256 of the running build.
+    pub sha256: String,
+    /// `running`, `probation` (swapped in recently, the previous build kept for rollback) or
+    /// `held-back` (failing repeatedly; rebuilt after `next_rebuild_in_ms`).
+    pub state: &'static str,
+    /// Builds swapped in since the host started.
+    pub swaps: u64,
+    /// Swaps undone because the new build failed.
+    pub rollbacks: u64,
+    /// Instances rebuilt after a trap.
+    pub rebuilds: u64,
+    /// Failures in a row (traps or failed starts) that count towards holding back.
+    pub consecutive_failures: u32,
+    /// The last failure or rollback, in words.
+    pub last_failure: Option<String>,
+    /// While held back: when the next rebuild is tried.
+    pub next_rebuild_in_ms: Option<u64>,
+}
+
+/// A swap that took place.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwapReport {
+    /// SHA-256 of the build now running.
+    pub sha256: String,
+    /// SHA-256 of the build it replaced.
+    pub previous_sha256: String,
+    /// How long the engine was busy with the cut-over (no enqueue answered, no send started),
+    /// in microseconds.
+    pub pause_us: u64,
 }
 
 /// Inputs to the engine thread.
 pub enum Input {
     /// Store events for one appservice.
     Enqueue {
+        /// The appservice.
         appservice: String,
+        /// The events' JSON.
         events: Vec<String>,
+        /// Where the answer goes.
         reply: oneshot::Sender<Result<u32, EnqueueError>>,
     },
     /// A send ended.
-    SendFinished { id: u64, outcome: api::SendOutcome },
+    SendFinished {
+        /// The send's handle.
+        id: u64,
+        /// How.
+        outcome: api::SendOutcome,
+    },
     /// A timer is due.
-    TimerFired { id: u64 },
+    TimerFired {
+        /// The timer's handle.
+        id: u64,
+    },
     /// Retry an appservice now.
     ForceRetry {
+        /// The appservice.
         appservice: String,
+        /// Where the answer goes.
         reply: oneshot::Sender<Result<(), EnqueueError>>,
     },
     /// Report status.
     Status {
-        reply: oneshot::Sender<Vec<AppserviceStatus>>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<(Vec<AppserviceStatus>, PluginStatus)>,
+    },
+    /// Cut over to a compiled build.
+    Swap {
+        /// The build.
+        plugin: Box<LoadedPlugin>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<SwapReport, String>>,
     },
     /// Stop the thread.
     Shutdown,
 }
 
 /// A handle to the running engine; cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Host {
     inputs: Sender<Input>,
     no_traffic: Arc<Vec<String>>,
     known: Arc<Vec<String>>,
+    compiler: Arc<Compiler>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("appservices", &self.known)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Compiles and checks components, on the caller's thread.
+struct Compiler {
+    engine: wasmtime::Engine,
+    cache_dir: PathBuf,
+}
+
+impl Compiler {
+    fn load(&self, wasm: &[u8]) -> anyhow::Result<LoadedPlugin> {
+        LoadedPlugin::load(&self.engine, wasm, &self.cache_dir).map_err(runtime::to_anyhow)
+    }
 }
 
 impl Host {
@@ -180,8 +302,11 @@ impl Host {
             None => EMBEDDED_PLUGIN.to_vec(),
         };
         let engine = runtime::new_engine().map_err(runtime::to_anyhow)?;
-        let plugin = LoadedPlugin::load(&engine, &wasm, &config.data_dir.join("plugin-cache"))
-            .map_err(runtime::to_anyhow)?;
+        let compiler = Arc::new(Compiler {
+            engine,
+            cache_dir: config.data_dir.join("plugin-cache"),
+        });
+        let plugin = compiler.load(&wasm)?;
         tracing::info!(sha256 = %plugin.sha256, "plugin loaded");
         let net = Arc::new(Net::new(
             &config.http,
@@ -199,34 +324,47 @@ impl Host {
             next_handle: 0,
             clock_origin: Instant::now(),
         };
-        let traffic: Vec<String> = config
-            .registrations
-            .iter()
-            .filter(|r| r.url.is_some())
-            .map(|r| r.id.clone())
-            .collect();
-        let no_traffic: Vec<String> = config
-            .registrations
-            .iter()
-            .filter(|r| r.url.is_none())
-            .map(|r| r.id.clone())
-            .collect();
+        let ids = |traffic: bool| -> Vec<String> {
+            let regs = config
+                .registrations
+                .iter()
+                .filter(|r| r.url.is_some() == traffic);
+            regs.map(|r| r.id.clone()).collect()
+        };
+        let (traffic, no_traffic) = (ids(true), ids(false));
         let known = config.registrations.iter().map(|r| r.id.clone()).collect();
         let mut engine = EngineThread {
-            plugin,
+            status: PluginStatus {
+                sha256: plugin.sha256.clone(),
+                state: "running",
+                ..PluginStatus::default()
+            },
+            running: Arc::new(plugin),
+            previous: None,
+            probation_until: None,
+            probation: config.probation,
             scheduler: config.scheduler,
+            sandbox: config.sandbox,
             appservices: traffic,
+            no_traffic: no_traffic.clone(),
             instance: None,
+            parked: None,
+            held_outcomes: Vec::new(),
+            last_failure_at: None,
+            next_rebuild_at: None,
         };
-        engine.instance = Some(engine.start_instance(io).map_err(|(error, _)| error)?);
-        let no_traffic_for_thread = no_traffic.clone();
+        let instance = engine
+            .start_instance(&engine.running.clone(), io)
+            .map_err(|(error, _)| error)?;
+        engine.instance = Some(instance);
         let thread = std::thread::Builder::new()
             .name("asched-engine".into())
-            .spawn(move || engine.run(&receiver, &no_traffic_for_thread))?;
+            .spawn(move || engine.run(&receiver))?;
         let host = Host {
             inputs,
             no_traffic: Arc::new(no_traffic),
             known: Arc::new(known),
+            compiler,
         };
         Ok((host, thread))
     }
@@ -267,11 +405,42 @@ impl Host {
 
     /// The status of every registered appservice, ordered by id.
     pub async fn status(&self) -> Vec<AppserviceStatus> {
+        self.full_status()
+            .await
+            .map(|(appservices, _)| appservices)
+            .unwrap_or_default()
+    }
+
+    /// The status of the plugin build and instance.
+    pub async fn plugin_status(&self) -> Option<PluginStatus> {
+        self.full_status().await.map(|(_, plugin)| plugin)
+    }
+
+    /// Both statuses, read in one round of the engine.
+    pub async fn full_status(&self) -> Option<(Vec<AppserviceStatus>, PluginStatus)> {
         let (reply, answer) = oneshot::channel();
-        if self.send(Input::Status { reply }).is_err() {
-            return Vec::new();
-        }
-        answer.await.unwrap_or_default()
+        self.send(Input::Status { reply }).ok()?;
+        answer.await.ok()
+    }
+
+    /// Replaces the running plugin with the component `wasm` without stopping delivery. The
+    /// component is compiled and checked on a blocking thread first; a component this host
+    /// cannot run is refused with the reason, and the running build stays.
+    pub async fn swap(&self, wasm: Vec<u8>) -> Result<SwapReport, String> {
+        let compiler = self.compiler.clone();
+        let loaded = tokio::task::spawn_blocking(move || compiler.load(&wasm))
+            .await
+            .map_err(|e| format!("the compile task failed: {e}"))?
+            .map_err(|e| format!("{e:#}"))?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Input::Swap {
+            plugin: Box::new(loaded),
+            reply,
+        })
+        .map_err(|e| e.to_string())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the host is shutting down".into()))
     }
 
     /// Asks the engine thread to stop after the inputs already queued.
@@ -288,18 +457,35 @@ impl Host {
 
 /// The state of the engine thread.
 struct EngineThread {
-    plugin: LoadedPlugin,
+    running: Arc<LoadedPlugin>,
+    /// The build before the last swap, kept during probation for a rollback.
+    previous: Option<Arc<LoadedPlugin>>,
+    probation_until: Option<Instant>,
+    probation: Duration,
     scheduler: SchedulerConfig,
+    sandbox: Sandbox,
     appservices: Vec<String>,
+    no_traffic: Vec<String>,
     instance: Option<Instance>,
+    /// The imports' state while no instance runs.
+    parked: Option<Io>,
+    /// Outcomes that arrived while no instance ran; delivered to the next one.
+    held_outcomes: Vec<(u64, api::SendOutcome)>,
+    last_failure_at: Option<Instant>,
+    next_rebuild_at: Option<Instant>,
+    status: PluginStatus,
 }
 
 /// A request waiting for the plugin's answer to a combined enqueue.
 type PendingEnqueue = oneshot::Sender<Result<u32, EnqueueError>>;
 
 impl EngineThread {
-    /// Instantiates the plugin and calls its `start`, handing over the sends still in flight.
-    fn start_instance(&self, mut io: Io) -> Result<Instance, (anyhow::Error, Io)> {
+    /// Instantiates `plugin` and calls its `start`, handing over the sends still in flight.
+    fn start_instance(
+        &self,
+        plugin: &LoadedPlugin,
+        mut io: Io,
+    ) -> Result<Instance, (anyhow::Error, Io)> {
         io.cancel_all_timers();
         let in_flight: Vec<api::InFlightSend> = io
             .in_flight
@@ -310,9 +496,8 @@ impl EngineThread {
                 txn_id: txn_id.clone(),
             })
             .collect();
-        let mut instance = self
-            .plugin
-            .instantiate(io)
+        let mut instance = plugin
+            .instantiate(io, &self.sandbox)
             .map_err(|(e, io)| (runtime::to_anyhow(e), io))?;
         let (api, store) = instance.call();
         let started = api.call_start(store, self.scheduler, &self.appservices, &in_flight);
@@ -329,13 +514,15 @@ impl EngineThread {
         }
     }
 
-    /// The main loop: take what is waiting, process it, tick when due.
-    fn run(mut self, inputs: &Receiver<Input>, no_traffic: &[String]) {
+    /// The main loop: take what is waiting, process it, rebuild or tick when due.
+    fn run(mut self, inputs: &Receiver<Input>) {
         let mut next_tick = Instant::now() + TICK_INTERVAL;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let wake = self
+                .next_rebuild_at
+                .map_or(next_tick, |at| at.min(next_tick));
             let mut round = Vec::new();
-            match inputs.recv_timeout(wait) {
+            match inputs.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(input) => round.push(input),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -346,10 +533,14 @@ impl EngineThread {
                     Err(_) => break,
                 }
             }
-            if !self.process(round, no_traffic) {
+            if self.next_rebuild_at.is_some_and(|at| Instant::now() >= at) {
+                self.rebuild();
+            }
+            if !self.process(round) {
                 tracing::info!("engine stopped");
                 return;
             }
+            self.end_probation_if_due();
             if Instant::now() >= next_tick {
                 self.call("tick", |api, store| api.call_tick(store));
                 next_tick = Instant::now() + TICK_INTERVAL;
@@ -358,7 +549,7 @@ impl EngineThread {
     }
 
     /// Processes one round of inputs; returns false when asked to stop.
-    fn process(&mut self, round: Vec<Input>, no_traffic: &[String]) -> bool {
+    fn process(&mut self, round: Vec<Input>) -> bool {
         let mut batches = Vec::new();
         let mut pending: Vec<PendingEnqueue> = Vec::new();
         let mut others = Vec::new();
@@ -381,17 +572,10 @@ impl EngineThread {
         }
         for input in others {
             match input {
-                Input::SendFinished { id, outcome } => {
-                    if let Some(instance) = &mut self.instance {
-                        instance.io().in_flight.remove(&id);
-                    }
-                    self.call("send-finished", |api, store| {
-                        api.call_send_finished(store, id, &outcome)
-                    });
-                }
+                Input::SendFinished { id, outcome } => self.send_finished(id, outcome),
                 Input::TimerFired { id } => {
-                    if let Some(instance) = &mut self.instance {
-                        instance.io().timers.remove(&id);
+                    if let Some(io) = self.io() {
+                        io.timers.remove(&id);
                     }
                     self.call("timer-fired", |api, store| api.call_timer_fired(store, id));
                 }
@@ -402,23 +586,44 @@ impl EngineThread {
                     let answer = match result {
                         Some(Ok(())) => Ok(()),
                         Some(Err(error)) => Err(convert_enqueue_error(error)),
-                        None => Err(EnqueueError::PluginFailed(
-                            "the plugin trapped; it is being rebuilt".into(),
-                        )),
+                        None => Err(self.not_running()),
                     };
                     let _ = reply.send(answer);
                 }
                 Input::Status { reply } => {
-                    let statuses = self
-                        .call("status", |api, store| api.call_status(store))
-                        .unwrap_or_default();
-                    let _ = reply.send(to_status(statuses, no_traffic));
+                    let statuses = self.call("status", |api, store| api.call_status(store));
+                    let _ = reply.send((self.to_status(statuses), self.plugin_status()));
+                }
+                Input::Swap { plugin, reply } => {
+                    let _ = reply.send(self.swap(Arc::from(plugin)));
                 }
                 Input::Enqueue { .. } => unreachable!("enqueues were separated above"),
                 Input::Shutdown => return false,
             }
         }
         true
+    }
+
+    /// The imports' state, wherever it is.
+    fn io(&mut self) -> Option<&mut Io> {
+        match &mut self.instance {
+            Some(instance) => Some(instance.io()),
+            None => self.parked.as_mut(),
+        }
+    }
+
+    /// Delivers a send's outcome, or keeps it for the next instance.
+    fn send_finished(&mut self, id: u64, outcome: api::SendOutcome) {
+        if self.instance.is_none() {
+            self.held_outcomes.push((id, outcome));
+            return;
+        }
+        if let Some(io) = self.io() {
+            io.in_flight.remove(&id);
+        }
+        self.call("send-finished", |api, store| {
+            api.call_send_finished(store, id, &outcome)
+        });
     }
 
     /// One plugin call for every enqueue of the round.
@@ -431,16 +636,29 @@ impl EngineThread {
                 }
             }
             None => {
+                let error = self.not_running();
                 for reply in pending {
-                    let why = "the plugin trapped during the call; nothing was acknowledged, retry"
-                        .to_owned();
-                    let _ = reply.send(Err(EnqueueError::PluginFailed(why)));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }
     }
 
-    /// Calls an export; on a trap, rebuilds the instance and returns `None`.
+    /// The error for a request the plugin could not answer.
+    fn not_running(&self) -> EnqueueError {
+        let why = match self.next_rebuild_at {
+            Some(at) => format!(
+                "the plugin is held back after repeated failures (next attempt in {} ms); nothing was stored, retry later",
+                at.saturating_duration_since(Instant::now()).as_millis()
+            ),
+            None => {
+                "the plugin trapped during the call; nothing was acknowledged, retry".to_owned()
+            }
+        };
+        EnqueueError::PluginFailed(why)
+    }
+
+    /// Calls an export; on a trap, replaces the instance and returns `None`.
     fn call<R>(
         &mut self,
         name: &str,
@@ -451,40 +669,207 @@ impl EngineThread {
         match f(api, store) {
             Ok(value) => Some(value),
             Err(trap) => {
-                tracing::error!(export = name, error = ?trap, "the plugin trapped; rebuilding it from the store");
+                let why = format!("trapped in {name}: {:#}", runtime::to_anyhow(trap));
+                tracing::error!(export = name, error = %why, "the plugin failed; rebuilding it from the store");
                 let io = self
                     .instance
                     .take()
                     .expect("an instance was just used")
                     .into_io();
-                self.rebuild(io);
+                self.parked = Some(io);
+                self.failed(why);
                 None
             }
         }
     }
 
-    /// Rebuilds the instance after a trap, retrying with a growing delay until it starts.
-    fn rebuild(&mut self, mut io: Io) {
-        let mut delay = REBUILD_DELAY_INITIAL;
-        loop {
-            match self.start_instance(io) {
-                Ok(instance) => {
-                    tracing::info!("plugin instance rebuilt");
-                    self.instance = Some(instance);
-                    return;
-                }
-                Err((error, returned)) => {
-                    tracing::error!(
-                        ?error,
-                        delay_ms = delay.as_millis() as u64,
-                        "could not rebuild the plugin instance"
-                    );
-                    io = returned;
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(REBUILD_DELAY_MAX);
+    /// Handles a failed instance: during probation, the previous build comes back at once;
+    /// otherwise the same build is rebuilt, at once the first time and with a growing delay
+    /// when failures repeat.
+    fn failed(&mut self, why: String) {
+        let now = Instant::now();
+        if self.in_probation()
+            && let Some(previous) = self.previous.take()
+        {
+            let message = format!(
+                "rolled back from {} to {}: it {why} during probation",
+                self.running.sha256, previous.sha256
+            );
+            tracing::error!(reason = %message, "plugin swap rolled back");
+            self.running = previous;
+            self.probation_until = None;
+            self.status.rollbacks += 1;
+            self.status.last_failure = Some(message);
+            self.status.consecutive_failures = 0;
+            self.rebuild();
+            return;
+        }
+        let repeated = self
+            .last_failure_at
+            .is_some_and(|at| now.duration_since(at) < FAILURE_MEMORY);
+        self.status.consecutive_failures = if repeated {
+            self.status.consecutive_failures + 1
+        } else {
+            1
+        };
+        self.last_failure_at = Some(now);
+        self.status.last_failure = Some(why);
+        let failures = self.status.consecutive_failures;
+        if failures <= 1 {
+            self.rebuild();
+            return;
+        }
+        let delay = REBUILD_DELAY_INITIAL
+            .saturating_mul(1 << (failures - 2).min(16))
+            .min(REBUILD_DELAY_MAX);
+        tracing::warn!(
+            failures,
+            delay_ms = delay.as_millis() as u64,
+            "the plugin keeps failing; holding it back"
+        );
+        self.next_rebuild_at = Some(now + delay);
+    }
+
+    /// Starts a new instance of the running build over the parked state; then delivers the
+    /// outcomes that arrived meanwhile.
+    fn rebuild(&mut self) {
+        self.next_rebuild_at = None;
+        let Some(io) = self.parked.take() else { return };
+        match self.start_instance(&self.running.clone(), io) {
+            Ok(instance) => {
+                tracing::info!(sha256 = %self.running.sha256, "plugin instance rebuilt");
+                self.instance = Some(instance);
+                self.status.rebuilds += 1;
+                for (id, outcome) in std::mem::take(&mut self.held_outcomes) {
+                    self.send_finished(id, outcome);
                 }
             }
+            Err((error, io)) => {
+                self.parked = Some(io);
+                self.failed(format!("{error:#}"));
+            }
         }
+    }
+
+    /// Cuts over to `plugin`; restores the running build if the new one does not start.
+    fn swap(&mut self, plugin: Arc<LoadedPlugin>) -> Result<SwapReport, String> {
+        let started = Instant::now();
+        let io = match self.instance.take() {
+            Some(instance) => instance.into_io(),
+            None => self
+                .parked
+                .take()
+                .ok_or("the engine has no state to hand over")?,
+        };
+        let previous_sha256 = self.running.sha256.clone();
+        match self.start_instance(&plugin, io) {
+            Ok(instance) => {
+                let pause_us = started.elapsed().as_micros() as u64;
+                self.instance = Some(instance);
+                self.previous = Some(std::mem::replace(&mut self.running, plugin));
+                self.probation_until = Some(Instant::now() + self.probation);
+                self.next_rebuild_at = None;
+                self.status.swaps += 1;
+                self.status.consecutive_failures = 0;
+                tracing::info!(sha256 = %self.running.sha256, previous = %previous_sha256, pause_us, "plugin swapped");
+                for (id, outcome) in std::mem::take(&mut self.held_outcomes) {
+                    self.send_finished(id, outcome);
+                }
+                Ok(SwapReport {
+                    sha256: self.running.sha256.clone(),
+                    previous_sha256,
+                    pause_us,
+                })
+            }
+            Err((error, io)) => {
+                let message = format!(
+                    "refused {}: {error:#}; {} keeps running",
+                    plugin.sha256, previous_sha256
+                );
+                tracing::error!(reason = %message, "plugin swap refused");
+                self.status.rollbacks += 1;
+                self.status.last_failure = Some(message.clone());
+                self.parked = Some(io);
+                self.rebuild();
+                Err(message)
+            }
+        }
+    }
+
+    fn in_probation(&self) -> bool {
+        self.probation_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Lets go of the previous build once the new one has run through its probation.
+    fn end_probation_if_due(&mut self) {
+        if self.probation_until.is_some() && !self.in_probation() {
+            self.probation_until = None;
+            self.previous = None;
+        }
+    }
+
+    fn plugin_status(&self) -> PluginStatus {
+        let state = match (self.instance.is_some(), self.in_probation()) {
+            (false, _) => "held-back",
+            (true, true) => "probation",
+            (true, false) => "running",
+        };
+        PluginStatus {
+            sha256: self.running.sha256.clone(),
+            state,
+            next_rebuild_in_ms: self
+                .next_rebuild_at
+                .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
+            ..self.status.clone()
+        }
+    }
+
+    /// The host's view of every appservice: the plugin's status, or `unknown` while it does
+    /// not run, plus the `url: null` ones.
+    fn to_status(&self, statuses: Option<Vec<api::AppserviceStatus>>) -> Vec<AppserviceStatus> {
+        let now_ms = wall_clock_ms();
+        let mut out: Vec<AppserviceStatus> = match statuses {
+            Some(statuses) => statuses
+                .into_iter()
+                .map(|s| from_plugin_status(s, now_ms))
+                .collect(),
+            None => self
+                .appservices
+                .iter()
+                .map(|id| AppserviceStatus::bare(id, "unknown"))
+                .collect(),
+        };
+        out.extend(
+            self.no_traffic
+                .iter()
+                .map(|id| AppserviceStatus::bare(id, "no-traffic")),
+        );
+        out.sort_by(|a, b| a.appservice.cmp(&b.appservice));
+        out
+    }
+}
+
+fn from_plugin_status(s: api::AppserviceStatus, now_ms: u64) -> AppserviceStatus {
+    AppserviceStatus {
+        appservice: s.appservice,
+        state: match s.state {
+            api::AppserviceState::Up => "up",
+            api::AppserviceState::Down => "down",
+            api::AppserviceState::Recovering => "recovering",
+        },
+        backlog_txns: s.backlog_txns,
+        backlog_events: s.backlog_events,
+        backlog_bytes: s.backlog_bytes,
+        oldest_undelivered_age_ms: s.oldest_enqueued_at_ms.map(|at| now_ms.saturating_sub(at)),
+        current_txn_id: s.current_txn_id,
+        in_flight: s.in_flight,
+        failed_attempts: s.failed_attempts,
+        last_error: s.last_error,
+        next_retry_in_ms: s.next_retry_in_ms,
+        paused_by_storage: s.paused_by_storage,
+        delivered_txns: s.delivered_txns,
+        delivered_events: s.delivered_events,
     }
 }
 
@@ -496,54 +881,7 @@ fn convert_enqueue_error(error: api::EnqueueError) -> EnqueueError {
     }
 }
 
-fn to_status(statuses: Vec<api::AppserviceStatus>, no_traffic: &[String]) -> Vec<AppserviceStatus> {
-    let now_ms = runtime_wall_ms();
-    let mut out: Vec<AppserviceStatus> = statuses
-        .into_iter()
-        .map(|s| AppserviceStatus {
-            appservice: s.appservice,
-            state: match s.state {
-                api::AppserviceState::Up => "up",
-                api::AppserviceState::Down => "down",
-                api::AppserviceState::Recovering => "recovering",
-            },
-            backlog_txns: s.backlog_txns,
-            backlog_events: s.backlog_events,
-            backlog_bytes: s.backlog_bytes,
-            oldest_undelivered_age_ms: s.oldest_enqueued_at_ms.map(|at| now_ms.saturating_sub(at)),
-            current_txn_id: s.current_txn_id,
-            in_flight: s.in_flight,
-            failed_attempts: s.failed_attempts,
-            last_error: s.last_error,
-            next_retry_in_ms: s.next_retry_in_ms,
-            paused_by_storage: s.paused_by_storage,
-            delivered_txns: s.delivered_txns,
-            delivered_events: s.delivered_events,
-        })
-        .collect();
-    for id in no_traffic {
-        out.push(AppserviceStatus {
-            appservice: id.clone(),
-            state: "no-traffic",
-            backlog_txns: 0,
-            backlog_events: 0,
-            backlog_bytes: 0,
-            oldest_undelivered_age_ms: None,
-            current_txn_id: None,
-            in_flight: false,
-            failed_attempts: 0,
-            last_error: None,
-            next_retry_in_ms: None,
-            paused_by_storage: false,
-            delivered_txns: 0,
-            delivered_events: 0,
-        });
-    }
-    out.sort_by(|a, b| a.appservice.cmp(&b.appservice));
-    out
-}
-
-fn runtime_wall_ms() -> u64 {
+fn wall_clock_ms() -> u64 {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

@@ -182,7 +182,7 @@ fn classify(error: reqwest::Error) -> SendOutcome {
 }
 
 /// Selects `ring` as the one TLS crypto backend of the process.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     // An error means a provider is already installed, which is what is wanted.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -104,6 +104,7 @@ pub struct LoadedPlugin {
 pub struct Instance {
     store: Store<HostState>,
     plugin: Plugin,
+    deadline_ticks: u64,
 }
 
 /// The process-wide engine, with epoch interruption driven by a background thread.
@@ -124,18 +125,53 @@ pub fn new_engine() -> wasmtime::Result<Engine> {
     Ok(engine)
 }
 
+/// The limits every plugin instance runs under.
+#[derive(Clone, Copy, Debug)]
+pub struct Sandbox {
+    /// The most linear memory an instance may use, in bytes.
+    pub memory_bytes_max: usize,
+    /// The most time one export call may run before it is interrupted.
+    pub call_deadline: Duration,
+}
+
+impl Default for Sandbox {
+    /// 256 MiB and 10 s: the scheduler needs a few MiB and milliseconds; these bound a faulty
+    /// build without hurting a working one.
+    fn default() -> Self {
+        Sandbox {
+            memory_bytes_max: PLUGIN_MEMORY_BYTES_MAX,
+            call_deadline: EPOCH_TICK * CALL_DEADLINE_TICKS as u32,
+        }
+    }
+}
+
+impl Sandbox {
+    fn deadline_ticks(&self) -> u64 {
+        (self.call_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+    }
+}
+
+/// The import namespaces a plugin may use: the scheduler's own interfaces, and the parts of
+/// WASI that Rust's standard library needs to print a panic.
+const ALLOWED_IMPORTS: [&str; 3] = ["asched:scheduler/", "wasi:cli/", "wasi:io/"];
+
+/// The interface a plugin must export.
+const SCHEDULER_EXPORT: &str = "asched:scheduler/scheduler@0.1";
+
 impl LoadedPlugin {
     /// Compiles `wasm` (or maps a cached compilation from `cache_dir`) and checks its imports
-    /// and exports against what this host provides.
+    /// and exports against what this host provides. The error says what does not fit.
     pub fn load(engine: &Engine, wasm: &[u8], cache_dir: &Path) -> wasmtime::Result<LoadedPlugin> {
         let sha256 = hex(&Sha256::digest(wasm));
         let component = compile_cached(engine, wasm, &sha256, cache_dir)?;
+        check_world(engine, &component)?;
         let linker = plugin_linker::<HostState>(engine)?;
         let pre = linker
             .instantiate_pre(&component)
-            .context("the plugin needs imports this host does not provide")?;
-        let pre = PluginPre::new(pre)
-            .context("the plugin does not export the asched:scheduler world this host drives")?;
+            .context("the plugin's imports do not match the asched:scheduler@0.1 interfaces this host provides")?;
+        let pre = PluginPre::new(pre).context(
+            "the plugin's exports do not match the asched:scheduler@0.1 world this host drives",
+        )?;
         Ok(LoadedPlugin {
             engine: engine.clone(),
             pre,
@@ -143,13 +179,17 @@ impl LoadedPlugin {
         })
     }
 
-    /// Creates a new instance whose imports act on `io`.
-    pub fn instantiate(&self, io: Io) -> Result<Instance, (wasmtime::Error, Io)> {
+    /// Creates a new instance whose imports act on `io`, under `sandbox`'s limits.
+    pub fn instantiate(
+        &self,
+        io: Io,
+        sandbox: &Sandbox,
+    ) -> Result<Instance, (wasmtime::Error, Io)> {
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .inherit_stderr()
             .build();
         let limits = StoreLimitsBuilder::new()
-            .memory_size(PLUGIN_MEMORY_BYTES_MAX)
+            .memory_size(sandbox.memory_bytes_max)
             .instances(16)
             .build();
         let state = HostState {
@@ -160,18 +200,58 @@ impl LoadedPlugin {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        let ticks = sandbox.deadline_ticks();
+        store.set_epoch_deadline(ticks);
         match self.pre.instantiate(&mut store) {
-            Ok(plugin) => Ok(Instance { store, plugin }),
+            Ok(plugin) => Ok(Instance {
+                store,
+                plugin,
+                deadline_ticks: ticks,
+            }),
             Err(error) => Err((error, store.into_data().io)),
         }
     }
 }
 
+/// Refuses a component that imports anything outside [`ALLOWED_IMPORTS`] or does not export
+/// the scheduler interface, naming the import or export.
+fn check_world(engine: &Engine, component: &Component) -> wasmtime::Result<()> {
+    let ty = component.component_type();
+    for (name, _) in ty.imports(engine) {
+        if !ALLOWED_IMPORTS
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            wasmtime::bail!(
+                "the plugin imports `{name}`, which this host does not provide: a plugin may import only {}",
+                ALLOWED_IMPORTS.map(|p| format!("{p}*")).join(", ")
+            );
+        }
+    }
+    let exports: Vec<String> = ty
+        .exports(engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    if !exports
+        .iter()
+        .any(|name| name.starts_with(SCHEDULER_EXPORT))
+    {
+        wasmtime::bail!(
+            "the plugin does not export `{SCHEDULER_EXPORT}.x` (it exports: {}); this host drives asched:scheduler@0.1",
+            if exports.is_empty() {
+                "nothing".to_owned()
+            } else {
+                exports.join(", ")
+            }
+        );
+    }
+    Ok(())
+}
+
 impl Instance {
     /// The plugin's exports, with a fresh CPU deadline for the call about to be made.
     pub fn call(&mut self) -> (&api::Guest, &mut Store<HostState>) {
-        self.store.set_epoch_deadline(CALL_DEADLINE_TICKS);
+        self.store.set_epoch_deadline(self.deadline_ticks);
         (self.plugin.asched_scheduler_scheduler(), &mut self.store)
     }
 

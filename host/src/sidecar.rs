@@ -10,6 +10,8 @@
 //! | `POST /_asched/v1/appservices/{id}/retry` | `200 {}`: the appservice is retried now, skipping its backoff |
 //! | `GET /_asched/v1/status` | `200 {"appservices": [<status>, …]}` |
 //! | `GET /_asched/v1/appservices/{id}/status` | `200 <status>` |
+//! | `POST /_asched/v1/plugin` with a component file as the body | `200 {"sha256", "previous_sha256", "pause_us"}` once the new build runs; `422 M_PLUGIN_REFUSED` with the reason, the old build still running |
+//! | `GET /_asched/v1/plugin` | `200 <plugin status>`: build, state, swaps, rollbacks, rebuilds, failures |
 //!
 //! A request that is refused stores nothing, and never affects what was accepted before.
 
@@ -29,6 +31,9 @@ use crate::engine::{EnqueueError, Host};
 
 /// The default largest request body accepted: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// The largest component file accepted for a swap: 64 MiB.
+pub const MAX_PLUGIN_BYTES: usize = 64 * 1024 * 1024;
 
 /// What the API serves with.
 #[derive(Clone)]
@@ -50,6 +55,14 @@ pub fn router(host: Host, secret: &str, max_body_bytes: usize) -> Router {
         .route("/_asched/v1/appservices/{id}/retry", post(retry))
         .route("/_asched/v1/appservices/{id}/status", get(one_status))
         .route("/_asched/v1/status", get(all_status))
+        .route("/_asched/v1/plugin", get(plugin_status).post(swap_plugin))
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "M_UNRECOGNIZED",
+                "this endpoint does not take this method".into(),
+            )
+        })
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -168,8 +181,16 @@ async fn all_status(State(api): State<Api>, headers: HeaderMap) -> Response {
     if let Err(refusal) = api.authorize(&headers) {
         return refusal;
     }
-    let statuses = api.host.status().await;
-    axum::Json(json!({ "appservices": statuses })).into_response()
+    match api.host.full_status().await {
+        Some((appservices, plugin)) => {
+            axum::Json(json!({ "appservices": appservices, "plugin": plugin })).into_response()
+        }
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNAVAILABLE",
+            "the host is shutting down".into(),
+        ),
+    }
 }
 
 async fn one_status(
@@ -193,6 +214,34 @@ async fn one_status(
             "M_UNKNOWN_APPSERVICE",
             format!("unknown appservice {id:?}"),
         ),
+    }
+}
+
+async fn plugin_status(State(api): State<Api>, headers: HeaderMap) -> Response {
+    if let Err(refusal) = api.authorize(&headers) {
+        return refusal;
+    }
+    match api.host.plugin_status().await {
+        Some(status) => axum::Json(status).into_response(),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNAVAILABLE",
+            "the host is shutting down".into(),
+        ),
+    }
+}
+
+async fn swap_plugin(State(api): State<Api>, headers: HeaderMap, body: Body) -> Response {
+    if let Err(refusal) = api.authorize(&headers) {
+        return refusal;
+    }
+    let Ok(wasm) = axum::body::to_bytes(body, MAX_PLUGIN_BYTES).await else {
+        let message = format!("the component is larger than {MAX_PLUGIN_BYTES} bytes");
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", message);
+    };
+    match api.host.swap(wasm.to_vec()).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(why) => error(StatusCode::UNPROCESSABLE_ENTITY, "M_PLUGIN_REFUSED", why),
     }
 }
 
@@ -244,7 +293,7 @@ pub async fn serve(
                 .await?;
         }
         Listen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
+            remove_stale_socket(path)?;
             let listener = tokio::net::UnixListener::bind(path)
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
             ready(format!("unix:{}", path.display()));
@@ -254,4 +303,30 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Removes the socket file a process that died left at `path`, so it can be bound again.
+/// Refuses a path that is not a socket (it is not ours to delete) and a socket that another
+/// process still serves (taking it over would cut that process off).
+fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        metadata.file_type().is_socket(),
+        "cannot listen on {}: it exists and is not a socket",
+        path.display()
+    );
+    anyhow::ensure!(
+        std::os::unix::net::UnixStream::connect(path).is_err(),
+        "cannot listen on {}: another process is listening on it",
+        path.display()
+    );
+    std::fs::remove_file(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: cannot remove the stale socket: {e}",
+            path.display()
+        )
+    })
 }

@@ -60,7 +60,9 @@ impl SqliteStore {
     /// atomic but do not survive the process.
     pub fn open_in_memory() -> anyhow::Result<Self> {
         let conn = Connection::open_in_memory()?;
-        conn.execute_batch("CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;")?;
+        conn.execute_batch(
+            "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )?;
         Ok(SqliteStore { conn })
     }
 

@@ -196,6 +196,10 @@ pub struct PluginStatus {
     pub last_failure: Option<String>,
     /// While held back: when the next rebuild is tried.
     pub next_rebuild_in_ms: Option<u64>,
+    /// Timers the host keeps for the plugin.
+    pub timers_pending: usize,
+    /// Sends the host has in flight for the plugin.
+    pub sends_in_flight: usize,
 }
 
 /// A swap that took place.
@@ -809,7 +813,10 @@ impl EngineThread {
         }
     }
 
-    fn plugin_status(&self) -> PluginStatus {
+    fn plugin_status(&mut self) -> PluginStatus {
+        let (timers_pending, sends_in_flight) = self
+            .io()
+            .map_or((0, 0), |io| (io.timers.len(), io.in_flight.len()));
         let state = match (self.instance.is_some(), self.in_probation()) {
             (false, _) => "held-back",
             (true, true) => "probation",
@@ -818,6 +825,8 @@ impl EngineThread {
         PluginStatus {
             sha256: self.running.sha256.clone(),
             state,
+            timers_pending,
+            sends_in_flight,
             next_rebuild_in_ms: self
                 .next_rebuild_at
                 .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),

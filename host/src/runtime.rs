@@ -156,7 +156,7 @@ impl Sandbox {
 const ALLOWED_IMPORTS: [&str; 3] = ["asched:scheduler/", "wasi:cli/", "wasi:io/"];
 
 /// The interface a plugin must export.
-const SCHEDULER_EXPORT: &str = "asched:scheduler/scheduler@0.1";
+const SCHEDULER_EXPORT: &str = "asched:scheduler/scheduler@0.1.";
 
 impl LoadedPlugin {
     /// Compiles `wasm` (or maps a cached compilation from `cache_dir`) and checks its imports
@@ -237,7 +237,7 @@ fn check_world(engine: &Engine, component: &Component) -> wasmtime::Result<()> {
         .any(|name| name.starts_with(SCHEDULER_EXPORT))
     {
         wasmtime::bail!(
-            "the plugin does not export `{SCHEDULER_EXPORT}.x` (it exports: {}); this host drives asched:scheduler@0.1",
+            "the plugin does not export `{SCHEDULER_EXPORT}x` (it exports: {}); this host drives asched:scheduler@0.1",
             if exports.is_empty() {
                 "nothing".to_owned()
             } else {

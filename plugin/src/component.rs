@@ -7,7 +7,12 @@ use crate::scheduler::{
     self, Config, EnqueueBatch, EnqueueError, InFlightSend, Item, Phase, Scheduler,
 };
 
+#[cfg(not(feature = "test-wrong-version"))]
 wit_bindgen::generate!({ path: "../wit", world: "plugin" });
+
+// A test build against another version of the contract, which hosts must refuse.
+#[cfg(feature = "test-wrong-version")]
+wit_bindgen::generate!({ path: env!("ASCHED_WRONG_VERSION_WIT"), world: "plugin" });
 
 use asched::scheduler::{clock, http_send, log, random, store, timer, types};
 use exports::asched::scheduler::scheduler as api;
@@ -18,10 +23,28 @@ thread_local! {
     static SCHEDULER: RefCell<Option<Scheduler>> = const { RefCell::new(None) };
 }
 
+/// Test builds only: counts this instance's calls and traps on every call after the 25th.
+fn count_call() {
+    if cfg!(feature = "test-trap-after-n") {
+        thread_local! {
+            static CALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+        }
+        let calls = CALLS.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        assert!(
+            calls <= 25,
+            "test build: trapping on call {calls}, every call after the 25th"
+        );
+    }
+}
+
 /// Runs `f` on the started scheduler.
 ///
 /// Calling an export before `start` is a host bug, so it traps.
 fn with_scheduler<R>(f: impl FnOnce(&mut Scheduler, &mut Imports) -> R) -> R {
+    count_call();
     SCHEDULER.with_borrow_mut(|s| {
         let scheduler = s
             .as_mut()
@@ -127,6 +150,10 @@ impl api::Guest for Component {
         appservices: Vec<String>,
         in_flight: Vec<api::InFlightSend>,
     ) -> Result<(), api::StartError> {
+        count_call();
+        // A test build that reaches for the filesystem, which hosts must refuse to link.
+        #[cfg(feature = "test-imports-fs")]
+        let _ = std::fs::metadata("/");
         let config = Config {
             max_events_per_txn: config.max_events_per_txn,
             max_txn_body_bytes: config.max_txn_body_bytes,

@@ -1062,13 +1062,33 @@ fn build_body(
     Ok(built)
 }
 
+/// Test builds only: traps, loops forever or exhausts memory when an item asks for it, so hosts
+/// can show they contain each.
+fn misbehave_on_request(text: &str) {
+    if text.contains("\"asched_test_trap\"") {
+        panic!("test trap requested by an enqueued item");
+    }
+    if text.contains("\"asched_test_loop\"") {
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+    if text.contains("\"asched_test_hog\"") {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1; 1 << 20]);
+            std::hint::black_box(&hoard);
+        }
+    }
+}
+
 /// Checks that an item is one JSON object and returns it without surrounding whitespace.
 fn validate_event(json: &str) -> Result<&str, String> {
     let raw: &RawValue = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
     let text = raw.get();
     // A test build traps on demand, so hosts and simulators can exercise their recovery.
-    if cfg!(feature = "test-traps") && text.contains("\"asched_test_trap\"") {
-        panic!("test trap requested by an enqueued item");
+    if cfg!(feature = "test-traps") {
+        misbehave_on_request(text);
     }
     if !text.starts_with('{') {
         return Err("a room event must be a JSON object".into());

@@ -21,6 +21,12 @@ pub enum Variant {
     AckBeforePersist,
     /// Broken: sends while a transaction is in flight.
     DoubleSend,
+    /// Traps on every call after the 25th of an instance.
+    TrapAfterN,
+    /// Imports the WASI filesystem (a host must refuse it).
+    ImportsFs,
+    /// Built against `asched:scheduler@0.2.0` (a host of 0.1 must refuse it).
+    WrongVersion,
 }
 
 impl Variant {
@@ -41,6 +47,9 @@ impl Variant {
             Variant::ReuseTxnId => "fault-reuse-txn-id",
             Variant::AckBeforePersist => "fault-ack-before-persist",
             Variant::DoubleSend => "fault-double-send",
+            Variant::TrapAfterN => "test-trap-after-n",
+            Variant::ImportsFs => "test-imports-fs",
+            Variant::WrongVersion => "test-wrong-version",
         }
     }
 
@@ -57,12 +66,31 @@ impl Variant {
             Variant::ReuseTxnId => "test-traps,fault-reuse-txn-id",
             Variant::AckBeforePersist => "test-traps,fault-ack-before-persist",
             Variant::DoubleSend => "test-traps,fault-double-send",
+            Variant::TrapAfterN => "test-trap-after-n",
+            Variant::ImportsFs => "test-imports-fs",
+            Variant::WrongVersion => "test-wrong-version",
         }
     }
 
     /// Whether the build traps on demand.
     pub fn traps_on_demand(self) -> bool {
-        self != Variant::Shipped
+        matches!(
+            self,
+            Variant::Traps | Variant::ReuseTxnId | Variant::AckBeforePersist | Variant::DoubleSend
+        )
+    }
+
+    /// The component file, building it first if needed (the shipped one is written out from
+    /// the host's embedded copy).
+    pub fn path(self) -> PathBuf {
+        if self != Variant::Shipped {
+            return build(self);
+        }
+        let path = target_dir().join("shipped.wasm");
+        std::fs::create_dir_all(target_dir()).expect("the target folder is writable");
+        std::fs::write(&path, asched_host::engine::EMBEDDED_PLUGIN)
+            .expect("the target folder is writable");
+        path
     }
 
     /// The component's bytes, building it first if needed.
@@ -73,6 +101,14 @@ impl Variant {
         let path = build(self);
         std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
+}
+
+/// Where the variants are built.
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("plugin-variants")
 }
 
 /// Builds one variant (serialised: the variants share a target folder).

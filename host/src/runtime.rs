@@ -217,16 +217,22 @@ impl LoadedPlugin {
 /// the scheduler interface, naming the import or export.
 fn check_world(engine: &Engine, component: &Component) -> wasmtime::Result<()> {
     let ty = component.component_type();
-    for (name, _) in ty.imports(engine) {
-        if !ALLOWED_IMPORTS
-            .iter()
-            .any(|prefix| name.starts_with(prefix))
-        {
-            wasmtime::bail!(
-                "the plugin imports `{name}`, which this host does not provide: a plugin may import only {}",
-                ALLOWED_IMPORTS.map(|p| format!("{p}*")).join(", ")
-            );
-        }
+    let refused: Vec<String> = ty
+        .imports(engine)
+        .map(|(name, _)| name)
+        .filter(|name| {
+            !ALLOWED_IMPORTS
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+        })
+        .map(|name| format!("`{name}`"))
+        .collect();
+    if !refused.is_empty() {
+        wasmtime::bail!(
+            "the plugin imports {}, which this host does not provide: a plugin may import only {}",
+            refused.join(", "),
+            ALLOWED_IMPORTS.map(|p| format!("{p}*")).join(", ")
+        );
     }
     let exports: Vec<String> = ty
         .exports(engine)

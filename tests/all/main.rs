@@ -4,8 +4,10 @@
 mod bugs;
 mod crash;
 mod delivery;
+mod sandbox;
 mod sidecar;
 mod simulation;
+mod swap_memory;
 mod third_party;
 
 use std::path::PathBuf;

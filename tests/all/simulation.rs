@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use asched_host::runtime::api;
-use asched_tests::sim::{Compiled, Planned, Sim, StoreOp, run_seed};
+use asched_tests::sim::{Compiled, Planned, Sim, StoreOp, run_seed, run_seed_with_swaps};
 use asched_tests::variants::Variant;
 
 /// Seeds the CI run checks.
@@ -97,6 +97,18 @@ fn plugin_memory_stays_bounded() {
 #[test]
 fn traps_are_survived_without_loss() {
     let (failures, _) = run_seeds(Variant::Traps, 1_000..1_040, 3_000);
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Swaps between two builds at random steps, with every fault on: the checkers hold across
+/// each swap (sends in flight are handed over, nothing is lost or sent twice under new ids).
+#[test]
+fn swaps_under_faults_break_no_invariant() {
+    let other = Compiled::new(Variant::Traps);
+    let failures: Vec<String> = (2_000..2_040)
+        .filter_map(|seed| run_seed_with_swaps(shipped(), &other, seed, 3_000).err())
+        .map(|failure| failure.to_string())
+        .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 

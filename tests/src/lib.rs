@@ -419,6 +419,8 @@ impl TestHost {
                 total_timeout: Duration::from_secs(1),
             },
             legacy_query_auth: Vec::new(),
+            sandbox: Default::default(),
+            probation: asched_host::engine::DEFAULT_PROBATION,
         };
         tweak(&mut config);
         let (host, engine) = Host::start(config).expect("the host starts");

@@ -195,6 +195,8 @@ pub struct Params {
     pub trap: u64,
     /// Per-mille chance that a step starts a store outage.
     pub outage: u64,
+    /// Per-mille chance that a step swaps the plugin to the other build (runs with two builds).
+    pub swap: u64,
 }
 
 impl Params {
@@ -234,6 +236,7 @@ impl Params {
                 0
             },
             outage: rng.range(0, 10),
+            swap: 0,
         }
     }
 }
@@ -829,10 +832,11 @@ impl std::fmt::Display for Failure {
         }
         write!(
             f,
-            "replay: cargo run -p asched-tests --bin asched-sim -- --variant {} --seed {} --steps {}",
+            "replay: cargo run -p asched-tests --bin asched-sim -- --variant {} --seed {} --steps {}{}",
             self.params.variant.name(),
             self.params.seed,
-            self.params.steps
+            self.params.steps,
+            if self.params.swap > 0 { " --swaps" } else { "" }
         )
     }
 }
@@ -867,6 +871,8 @@ impl wasmtime::ResourceLimiter for MemoryWatch {
 /// One simulated run.
 pub struct Sim<'c> {
     compiled: &'c Compiled,
+    /// The build a swap switches to (it becomes `compiled`, and `compiled` becomes this).
+    other: Option<&'c Compiled>,
     store: Option<Store<SimState>>,
     plugin: Option<Plugin>,
     next_seq: Vec<u64>,
@@ -912,6 +918,7 @@ impl<'c> Sim<'c> {
         };
         Sim {
             compiled,
+            other: None,
             store: None,
             plugin: None,
             next_seq: vec![1; appservices.len()],
@@ -1354,6 +1361,7 @@ impl<'c> Sim<'c> {
             crash: 0,
             trap: 0,
             outage: 0,
+            swap: 0,
         };
         let mut sim = Sim::new(compiled, params);
         sim.world().schedule(1_000, Due::Tick);
@@ -1460,6 +1468,20 @@ impl<'c> Sim<'c> {
         self.world().store_rules.clear();
         self.heal_and_drain()
     }
+}
+
+/// Runs one seed with swaps between two builds at random steps (1–3 % of them).
+pub fn run_seed_with_swaps(
+    first: &Compiled,
+    second: &Compiled,
+    seed: u64,
+    steps: u64,
+) -> Result<Report, Failure> {
+    let mut params = Params::from_seed(seed, steps, first.variant);
+    params.swap = Rng::new(seed ^ 0x5A5A_5A5A).range(10, 30);
+    let mut sim = Sim::new(first, params);
+    sim.other = Some(second);
+    sim.run()
 }
 
 /// Runs one seed.

@@ -3,12 +3,16 @@
 //! ```text
 //! cargo run --release -p asched-tests --bin asched-sim -- --seeds 10000 --steps 5000
 //! cargo run -p asched-tests --bin asched-sim -- --seed 1234 --steps 5000 --variant shipped
+//! cargo run -p asched-tests --bin asched-sim -- --seeds 1000 --swaps
 //! ```
+//!
+//! `--swaps` also swaps the plugin to another build (the test build that traps on request,
+//! which otherwise behaves the same) at random steps.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use asched_tests::sim::{Compiled, run_seed};
+use asched_tests::sim::{Compiled, run_seed, run_seed_with_swaps};
 use asched_tests::variants::Variant;
 
 fn main() -> ExitCode {
@@ -16,6 +20,7 @@ fn main() -> ExitCode {
     let mut first = 0u64;
     let mut steps = 5_000u64;
     let mut variant = Variant::Shipped;
+    let mut swaps = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -39,6 +44,7 @@ fn main() -> ExitCode {
                     .unwrap_or_else(|_| usage("--seed takes a number"));
                 seeds = 1;
             }
+            "--swaps" => swaps = true,
             "--steps" => {
                 steps = value()
                     .parse()
@@ -53,11 +59,16 @@ fn main() -> ExitCode {
         }
     }
     let compiled = Compiled::new(variant);
+    let other = swaps.then(|| Compiled::new(Variant::Traps));
     let started = Instant::now();
     let mut total_steps = 0u64;
     let mut failures = 0u64;
     for seed in first..first + seeds {
-        match run_seed(&compiled, seed, steps) {
+        let result = match &other {
+            Some(other) => run_seed_with_swaps(&compiled, other, seed, steps),
+            None => run_seed(&compiled, seed, steps),
+        };
+        match result {
             Ok(report) => total_steps += report.steps,
             Err(failure) => {
                 failures += 1;

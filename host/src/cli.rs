@@ -28,6 +28,10 @@ enum Command {
         /// The folder for the demo's SQLite store (emptied at start).
         #[arg(long, default_value = "demo-data")]
         data_dir: PathBuf,
+        /// A second plugin build to swap to and back, again and again, while events are
+        /// delivered (what the appservices see must not change).
+        #[arg(long)]
+        swap_to: Option<PathBuf>,
     },
     /// Runs the scheduler as a sidecar: a local HTTP API takes events and delivers them to the
     /// registered appservices.
@@ -160,8 +164,8 @@ pub fn main() -> ExitCode {
     init_logging(matches!(cli.command, Command::Demo { .. }));
     let result = match cli.command {
         Command::CheckRegistrations { paths } => check_registrations(&paths),
-        Command::Demo { data_dir } => {
-            runtime().and_then(|rt| rt.block_on(crate::demo::run(&data_dir)))
+        Command::Demo { data_dir, swap_to } => {
+            runtime().and_then(|rt| rt.block_on(crate::demo::run(&data_dir, swap_to.as_deref())))
         }
         Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve(args))),
         Command::Swap {

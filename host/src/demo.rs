@@ -87,8 +87,15 @@ pub fn bundled_events() -> anyhow::Result<Vec<Value>> {
 }
 
 /// Runs the demo with its store in `data_dir`.
-pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
+pub async fn run(data_dir: &Path, swap_to: Option<&Path>) -> anyhow::Result<()> {
     let started = Instant::now();
+    let other_build = match swap_to {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut registrations = bundled_registrations()?;
     let (receiver_url, receiver) = start_receiver(&registrations).await?;
     for r in &mut registrations {
@@ -115,9 +122,18 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
     };
     let (host, engine) = Host::start(config)?;
     let feeders = feed(&host, &plan);
+    let swapper = other_build.map(|other| tokio::spawn(swap_back_and_forth(host.clone(), other)));
     let delivered = wait_for_delivery(&host, &receiver, &plan).await;
     for feeder in feeders {
         feeder.await??;
+    }
+    if let Some(swapper) = swapper {
+        swapper.abort();
+        let plugin = host.plugin_status().await.unwrap_or_default();
+        println!(
+            "{} plugin swaps during delivery, {} rolled back; running {}",
+            plugin.swaps, plugin.rollbacks, plugin.sha256
+        );
     }
     let elapsed = started.elapsed();
     let ok = summarize(&receiver, &plan, &host.status().await, elapsed);
@@ -133,6 +149,22 @@ pub async fn run(data_dir: &Path) -> anyhow::Result<()> {
         "the receiver did not see exactly the enqueued events in order"
     );
     Ok(())
+}
+
+/// Swaps to `other` and back to the bundled build every 100 ms, until aborted.
+async fn swap_back_and_forth(host: Host, other: Vec<u8>) {
+    let builds = [other, crate::engine::EMBEDDED_PLUGIN.to_vec()];
+    for build in builds.iter().cycle() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match host.swap(build.clone()).await {
+            Ok(report) => println!(
+                "swapped to {} in {} us",
+                &report.sha256[..12],
+                report.pause_us
+            ),
+            Err(why) => println!("swap refused: {why}"),
+        }
+    }
 }
 
 /// Removes the demo's earlier store, so every run starts from nothing.

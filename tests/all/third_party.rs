@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use asched_host::registration::Registration;
 use asched_host::{demo, routing};
+use asched_tests::variants::Variant;
 use asched_tests::{TestHost, fast_retries, temp_dir};
 
 /// Where the receivers and their installed packages live.
@@ -109,7 +110,7 @@ impl Drop for ReceiverProcess {
 
 /// Delivers the bundled stream to `appservice` through a real receiver and checks that it
 /// received exactly the events routed to it, in order, under txn ids it never saw twice.
-async fn delivers_bundled_stream_to(appservice: &str, program: &Path, script: &str) {
+async fn delivers_bundled_stream_to(appservice: &str, program: &Path, script: &str, swaps: bool) {
     let dir = temp_dir(&format!("third-party-{appservice}"));
     let mut registration = demo::bundled_registrations()
         .expect("the bundled registrations parse")
@@ -131,6 +132,7 @@ async fn delivers_bundled_stream_to(appservice: &str, program: &Path, script: &s
         mine.len()
     );
     let host = TestHost::start(&dir, vec![registration], fast_retries());
+    let swapper = swaps.then(|| tokio::spawn(swap_back_and_forth(host.host.clone())));
     host.enqueue_each(appservice, mine.iter().map(|e| e.to_string()))
         .await;
 
@@ -143,6 +145,13 @@ async fn delivers_bundled_stream_to(appservice: &str, program: &Path, script: &s
             mine.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(swapper) = swapper {
+        let swapped = swapper.await.expect("the swapper finishes");
+        assert!(
+            swapped >= 10,
+            "only {swapped} swaps happened during delivery"
+        );
     }
     host.stop().await;
     let received = receiver.received();
@@ -165,11 +174,33 @@ async fn delivers_bundled_stream_to(appservice: &str, program: &Path, script: &s
     );
 }
 
+/// Swaps between the shipped build and another build (the test build, which behaves the same
+/// unless asked to trap) every 20 ms, 20 times; returns how many swaps took place.
+async fn swap_back_and_forth(host: asched_host::Host) -> usize {
+    let builds = [Variant::Traps.wasm(), Variant::Shipped.wasm()];
+    let mut swapped = 0;
+    for build in builds.iter().cycle().take(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        host.swap(build.clone())
+            .await
+            .expect("both builds are accepted");
+        swapped += 1;
+    }
+    swapped
+}
+
 /// mautrix's `AppService` (Python) receives the telegram bridge's events.
 #[tokio::test(flavor = "multi_thread")]
 async fn mautrix_appservice_receives_every_event_in_order() {
     let python = receivers_dir().join(".venv/bin/python");
-    delivers_bundled_stream_to("telegram", &python, "mautrix_receiver.py").await;
+    delivers_bundled_stream_to("telegram", &python, "mautrix_receiver.py", false).await;
+}
+
+/// Repeated swaps between two builds during delivery change nothing mautrix receives.
+#[tokio::test(flavor = "multi_thread")]
+async fn mautrix_receives_every_event_across_repeated_swaps() {
+    let python = receivers_dir().join(".venv/bin/python");
+    delivers_bundled_stream_to("telegram", &python, "mautrix_receiver.py", true).await;
 }
 
 /// matrix-appservice's `AppService` (Node) receives the slack bridge's events.
@@ -181,5 +212,11 @@ async fn matrix_appservice_npm_receives_every_event_in_order() {
             .exists(),
         "tests/receivers/node_modules is missing: run ./scripts/test, which installs it"
     );
-    delivers_bundled_stream_to("slack", Path::new("node"), "matrix_appservice_receiver.js").await;
+    delivers_bundled_stream_to(
+        "slack",
+        Path::new("node"),
+        "matrix_appservice_receiver.js",
+        false,
+    )
+    .await;
 }

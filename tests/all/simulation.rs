@@ -92,6 +92,31 @@ fn plugin_memory_stays_bounded() {
     );
 }
 
+/// The plugin's memory does not grow with the backlog of a DOWN appservice: the backlog lives
+/// in the store. Memory after 2,000 queued events and after 20,000 is the same.
+#[test]
+fn plugin_memory_is_flat_as_a_backlog_grows() {
+    let mut sim = Sim::scripted(shipped(), 1, config());
+    sim.script(0, |_| status(503));
+    for _ in 0..2_000 {
+        assert!(sim.enqueue_one(0).1);
+    }
+    sim.run_for(10_000);
+    let at_2k = sim.memory_bytes();
+    for _ in 0..18_000 {
+        assert!(sim.enqueue_one(0).1);
+    }
+    sim.run_for(10_000);
+    let at_20k = sim.memory_bytes();
+    assert_eq!(sim.status(0).expect("as0").backlog_events, 20_000);
+    assert_eq!(
+        at_20k, at_2k,
+        "memory grew from {at_2k} to {at_20k} bytes with the backlog"
+    );
+    assert!(at_20k <= 4 * 1024 * 1024, "{at_20k} bytes");
+    sim.finish().unwrap_or_else(|f| panic!("{f}"));
+}
+
 /// Seeds with plugin traps on demand: every trap rebuilds the instance from the store and
 /// nothing is lost.
 #[test]

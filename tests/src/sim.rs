@@ -1441,6 +1441,15 @@ impl<'c> Sim<'c> {
         self.boot();
     }
 
+    /// The largest linear memory the plugin has had so far, in bytes.
+    pub fn memory_bytes(&mut self) -> usize {
+        let running = self
+            .store
+            .as_ref()
+            .map_or(0, |store| store.data().memory.max_bytes);
+        running.max(self.max_memory_bytes)
+    }
+
     /// Every request the appservices got so far.
     pub fn sent(&mut self) -> Vec<SentRequest> {
         self.world().sent.clone()

@@ -68,6 +68,9 @@ fn main() -> ExitCode {
             Some(other) => run_seed_with_swaps(&compiled, other, seed, steps),
             None => run_seed(&compiled, seed, steps),
         };
+        if (seed - first + 1) % 500 == 0 {
+            eprintln!("{} of {seeds} seeds done, {failures} failed", seed - first + 1);
+        }
         match result {
             Ok(report) => total_steps += report.steps,
             Err(failure) => {

@@ -800,6 +800,8 @@ pub struct Report {
     pub restarts: u64,
     /// The largest linear memory the plugin had, in bytes.
     pub max_memory_bytes: usize,
+    /// Swaps between builds.
+    pub swaps: u64,
 }
 
 /// A run that broke an invariant: everything needed to understand and replay it.
@@ -873,6 +875,7 @@ pub struct Sim<'c> {
     compiled: &'c Compiled,
     /// The build a swap switches to (it becomes `compiled`, and `compiled` becomes this).
     other: Option<&'c Compiled>,
+    swaps: u64,
     store: Option<Store<SimState>>,
     plugin: Option<Plugin>,
     next_seq: Vec<u64>,
@@ -919,6 +922,7 @@ impl<'c> Sim<'c> {
         Sim {
             compiled,
             other: None,
+            swaps: 0,
             store: None,
             plugin: None,
             next_seq: vec![1; appservices.len()],
@@ -1228,15 +1232,34 @@ impl<'c> Sim<'c> {
         }
     }
 
+    /// Swaps to the other build as the engine does: the instance goes, the host's memory (sends
+    /// in flight) stays and is handed to the new instance.
+    fn swap(&mut self) {
+        let Some(other) = self.other.replace(self.compiled) else {
+            return;
+        };
+        self.note(format!("swap to {}", other.variant.name()));
+        self.stop_instance(false);
+        self.compiled = other;
+        self.swaps += 1;
+        self.boot();
+    }
+
     /// One step of the safety phase: enqueue, deliver something due, crash, trap or a fault.
     fn safety_step(&mut self) {
-        let (crash, outage) = {
+        let (crash, outage, swap) = {
             let world = self.world();
+            let p = (world.params.crash, world.params.outage, world.params.swap);
             (
-                world.rng.chance(world.params.crash),
-                world.rng.chance(world.params.outage),
+                world.rng.chance(p.0),
+                world.rng.chance(p.1),
+                world.rng.chance(p.2),
             )
         };
+        if swap {
+            self.swap();
+            return;
+        }
         if crash {
             self.note("crash".into());
             self.stop_instance(true);
@@ -1343,6 +1366,7 @@ impl<'c> Sim<'c> {
             requests,
             restarts: self.restarts,
             max_memory_bytes: self.max_memory_bytes,
+            swaps: self.swaps,
         })
     }
 }

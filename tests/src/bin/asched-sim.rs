@@ -63,16 +63,23 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut total_steps = 0u64;
     let mut failures = 0u64;
+    let mut swaps_done = 0u64;
     for seed in first..first + seeds {
         let result = match &other {
             Some(other) => run_seed_with_swaps(&compiled, other, seed, steps),
             None => run_seed(&compiled, seed, steps),
         };
         if (seed - first + 1) % 500 == 0 {
-            eprintln!("{} of {seeds} seeds done, {failures} failed", seed - first + 1);
+            eprintln!(
+                "{} of {seeds} seeds done, {failures} failed",
+                seed - first + 1
+            );
         }
         match result {
-            Ok(report) => total_steps += report.steps,
+            Ok(report) => {
+                total_steps += report.steps;
+                swaps_done += report.swaps;
+            }
             Err(failure) => {
                 failures += 1;
                 eprintln!("{failure}\n");
@@ -81,7 +88,7 @@ fn main() -> ExitCode {
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "{seeds} seeds of {steps} steps ({}): {failures} failed; {total_steps} steps in {seconds:.1} s, {:.0} steps/s",
+        "{seeds} seeds of {steps} steps ({}): {failures} failed; {total_steps} steps ({swaps_done} swaps) in {seconds:.1} s, {:.0} steps/s",
         variant.name(),
         total_steps as f64 / seconds
     );

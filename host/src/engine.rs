@@ -299,6 +299,7 @@ impl Host {
                 config.data_dir.display()
             )
         })?;
+        let data_lock = lock_data_dir(&config.data_dir)?;
         let store = SqliteStore::open(&config.data_dir.join("scheduler.sqlite"))?;
         let wasm = match &config.plugin_path {
             Some(path) => std::fs::read(path)
@@ -356,6 +357,7 @@ impl Host {
             held_outcomes: Vec::new(),
             last_failure_at: None,
             next_rebuild_at: None,
+            _data_lock: data_lock,
         };
         let instance = engine
             .start_instance(&engine.running.clone(), io)
@@ -459,6 +461,39 @@ impl Host {
     }
 }
 
+/// Takes the data folder for this process, with an exclusive lock on `lock` in it (released by
+/// the operating system when the process ends, however it ends). Two hosts on one store would
+/// interleave their writes, lose acknowledged events and reuse txn ids.
+fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write as _;
+    let path = dir.join("lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            writeln!(file, "{}", std::process::id())?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            anyhow::bail!(
+                "the data folder {} is in use by another asched host (pid {}); two hosts on one store would lose events",
+                dir.display(),
+                holder.trim()
+            )
+        }
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 /// The state of the engine thread.
 struct EngineThread {
     running: Arc<LoadedPlugin>,
@@ -478,6 +513,8 @@ struct EngineThread {
     last_failure_at: Option<Instant>,
     next_rebuild_at: Option<Instant>,
     status: PluginStatus,
+    /// Held for the engine's life: no other host may use the same store meanwhile.
+    _data_lock: std::fs::File,
 }
 
 /// A request waiting for the plugin's answer to a combined enqueue.

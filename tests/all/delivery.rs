@@ -42,3 +42,39 @@ async fn first_event_goes_alone_and_the_rest_batch_behind_it() {
     assert_eq!(receiver.max_concurrent(), 1);
     host.stop().await;
 }
+
+/// Two hosts on one data folder would interleave their writes and lose events, so the second
+/// is refused, naming the folder and the holder; once the first stops, the folder is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_host_on_the_same_data_folder_is_refused() {
+    let receiver = Receiver::healthy().await;
+    let dir = temp_dir("lock");
+    let regs = || vec![registration("as1", Some(&receiver.url()))];
+    let first = TestHost::start(&dir, regs(), fast_retries());
+    let config = asched_host::HostConfig {
+        data_dir: dir.clone(),
+        registrations: regs(),
+        plugin_path: None,
+        scheduler: fast_retries(),
+        http: Default::default(),
+        legacy_query_auth: Vec::new(),
+        sandbox: Default::default(),
+        probation: asched_host::engine::DEFAULT_PROBATION,
+    };
+    let refusal = asched_host::Host::start(config)
+        .expect_err("the folder is in use")
+        .to_string();
+    let expected = format!(
+        "the data folder {} is in use by another asched host (pid {}); two hosts on one store would lose events",
+        dir.display(),
+        std::process::id()
+    );
+    assert_eq!(refusal, expected);
+    first.enqueue_each("as1", [event(1)]).await;
+    assert_eq!(receiver.wait_for_events(1, WAIT).await, ids(1, 1));
+    first.stop().await;
+    let second = TestHost::start(&dir, regs(), fast_retries());
+    second.enqueue_each("as1", [event(2)]).await;
+    assert_eq!(receiver.wait_for_events(2, WAIT).await, ids(1, 2));
+    second.stop().await;
+}

@@ -7,7 +7,6 @@ mod delivery;
 mod sandbox;
 mod sidecar;
 mod simulation;
-mod swap_memory;
 mod third_party;
 
 use std::path::PathBuf;

@@ -3,6 +3,12 @@
 //! One pooled HTTP/1.1 client (keep-alive, so each appservice reuses its connection) with a
 //! connect timeout and a total timeout per request. The plugin names an appservice and a txn id;
 //! this module adds the URL and the `hs_token`, which the plugin never sees.
+//!
+//! The client runs on a runtime of its own whose threads log nothing: the HTTP libraries' own
+//! debug lines name the appservice's address ("connecting to 10.0.0.5:9000", "pooling idle
+//! connection for …"), and some are written by tasks they spawn, so only the threads they run on
+//! can keep them out of the application's logs. Every failure still reaches the plugin (and its
+//! logs) as an outcome, without the URL.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -59,6 +65,45 @@ pub struct SendJob {
 pub struct Net {
     client: reqwest::Client,
     endpoints: BTreeMap<String, Endpoint>,
+    runtime: QuietRuntime,
+}
+
+/// The runtime every request runs on; its threads have a subscriber that drops every event
+/// (`log` records included).
+#[derive(Debug)]
+struct QuietRuntime(Option<tokio::runtime::Runtime>);
+
+impl QuietRuntime {
+    fn new() -> std::io::Result<QuietRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("asched-http")
+            .on_thread_start(|| {
+                let silent = tracing::dispatcher::set_default(&tracing::Dispatch::none());
+                // The thread keeps the silent subscriber for its whole life.
+                std::mem::forget(silent);
+            })
+            .enable_all()
+            .build()?;
+        Ok(QuietRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until the Net is dropped")
+            .handle()
+    }
+}
+
+impl Drop for QuietRuntime {
+    /// Stops without waiting: the last reference may go away inside an async task, where a
+    /// runtime must not block.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Net {
@@ -97,7 +142,11 @@ impl Net {
                 "--legacy-query-auth names {id:?}, which no registration file defines"
             );
         }
-        Ok(Net { client, endpoints })
+        Ok(Net {
+            client,
+            endpoints,
+            runtime: QuietRuntime::new()?,
+        })
     }
 
     /// The request for a transaction, or why it may not be sent: `None` for an unknown
@@ -122,8 +171,8 @@ impl Net {
         })
     }
 
-    /// Sends one transaction and classifies how it ended. Never fails: every failure is an
-    /// outcome the plugin handles.
+    /// Sends one transaction (on the quiet runtime) and classifies how it ended. Never fails:
+    /// every failure is an outcome the plugin handles.
     pub async fn send(&self, target: Target, body: Vec<u8>) -> SendOutcome {
         let request = self
             .client
@@ -131,20 +180,27 @@ impl Net {
             .header(reqwest::header::AUTHORIZATION, &target.bearer)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(error) => return classify(error),
-        };
-        let status = response.status().as_u16();
-        match response.bytes().await {
-            Ok(bytes) => {
-                let body_is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
-                SendOutcome::Response(Response {
-                    status,
-                    body_is_json,
-                })
+        let exchange = async move {
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(error) => return classify(error),
+            };
+            let status = response.status().as_u16();
+            match response.bytes().await {
+                Ok(bytes) => {
+                    let body_is_json =
+                        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+                    SendOutcome::Response(Response {
+                        status,
+                        body_is_json,
+                    })
+                }
+                Err(error) => classify(error),
             }
-            Err(error) => classify(error),
+        };
+        match self.runtime.handle().spawn(exchange).await {
+            Ok(outcome) => outcome,
+            Err(error) => SendOutcome::ConnectionLost(format!("the HTTP task ended: {error}")),
         }
     }
 }

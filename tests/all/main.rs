@@ -5,8 +5,10 @@ mod bugs;
 mod crash;
 mod delivery;
 mod sandbox;
+mod secrets;
 mod sidecar;
 mod simulation;
+mod swap_memory;
 mod third_party;
 
 use std::path::PathBuf;

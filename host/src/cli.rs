@@ -38,7 +38,7 @@ enum Command {
     Serve(ServeArgs),
     /// Replaces the plugin of a running sidecar with a component file, without a restart.
     Swap {
-        /// The sidecar's API, for example `http://127.0.0.1:8785`.
+        /// The sidecar's API: `http://127.0.0.1:8785`, or `unix:/path/to/socket`.
         #[arg(long, default_value = "http://127.0.0.1:8785", env = "ASCHED_API")]
         api: String,
         /// The file holding the sidecar's shared secret.
@@ -271,9 +271,17 @@ async fn swap(
     let wasm = std::fs::read(plugin)
         .map_err(|e| anyhow::anyhow!("cannot read the plugin {}: {e}", plugin.display()))?;
     crate::http::install_crypto_provider();
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let mut client = reqwest::Client::builder().no_proxy();
+    let base = match api.strip_prefix("unix:") {
+        Some(socket) => {
+            client = client.unix_socket(std::path::PathBuf::from(socket));
+            "http://localhost".to_owned()
+        }
+        None => api.trim_end_matches('/').to_owned(),
+    };
     let response = client
-        .post(format!("{}/_asched/v1/plugin", api.trim_end_matches('/')))
+        .build()?
+        .post(format!("{base}/_asched/v1/plugin"))
         .bearer_auth(secret)
         .header(reqwest::header::CONTENT_TYPE, "application/wasm")
         .body(wasm)

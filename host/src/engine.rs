@@ -710,7 +710,7 @@ impl EngineThread {
         match f(api, store) {
             Ok(value) => Some(value),
             Err(trap) => {
-                let why = format!("trapped in {name}: {:#}", runtime::to_anyhow(trap));
+                let why = describe_trap(name, trap, self.sandbox.call_deadline);
                 tracing::error!(export = name, error = %why, "the plugin failed; rebuilding it from the store");
                 let io = self
                     .instance
@@ -894,6 +894,17 @@ impl EngineThread {
         out.sort_by(|a, b| a.appservice.cmp(&b.appservice));
         out
     }
+}
+
+/// A plugin failure in words: a runaway call is named as such; otherwise the trap's first
+/// line (the backtrace that follows it is for the log only).
+fn describe_trap(export: &str, trap: wasmtime::Error, deadline: Duration) -> String {
+    if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+        return format!("ran past its CPU deadline of {} ms in {export} and was stopped", deadline.as_millis());
+    }
+    let text = format!("{:#}", runtime::to_anyhow(trap));
+    tracing::debug!(export, trap = %text, "plugin trap in full");
+    format!("trapped in {export}: {}", text.lines().next().unwrap_or_default())
 }
 
 fn from_plugin_status(s: api::AppserviceStatus, now_ms: u64) -> AppserviceStatus {

@@ -900,11 +900,17 @@ impl EngineThread {
 /// line (the backtrace that follows it is for the log only).
 fn describe_trap(export: &str, trap: wasmtime::Error, deadline: Duration) -> String {
     if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
-        return format!("ran past its CPU deadline of {} ms in {export} and was stopped", deadline.as_millis());
+        return format!(
+            "ran past its CPU deadline of {} ms in {export} and was stopped",
+            deadline.as_millis()
+        );
     }
     let text = format!("{:#}", runtime::to_anyhow(trap));
     tracing::debug!(export, trap = %text, "plugin trap in full");
-    format!("trapped in {export}: {}", text.lines().next().unwrap_or_default())
+    format!(
+        "trapped in {export}: {}",
+        text.lines().next().unwrap_or_default()
+    )
 }
 
 fn from_plugin_status(s: api::AppserviceStatus, now_ms: u64) -> AppserviceStatus {

@@ -295,7 +295,11 @@ pub fn compile_cached(
     let compiled = engine.precompile_component(wasm).map_err(|error| {
         // The parser's own message can run to a dump of bytes; its first line says enough.
         let text = format!("{error:#}");
-        let first = text.lines().next().unwrap_or_default().trim_end_matches(" - expected=[");
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches(" - expected=[");
         wasmtime::format_err!("the plugin is not a valid WebAssembly component: {first}")
     })?;
     std::fs::create_dir_all(cache_dir)

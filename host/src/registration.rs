@@ -472,10 +472,10 @@ mod tests {
         .unwrap();
         let err = load(&[dir.clone()]).unwrap_err().to_string();
         assert!(
-            err.ends_with(
-                "b.yaml: field `id` \"telegram\" is already used by ".to_owned()
-                    + &dir.join("a.yaml").display().to_string()
-            ),
+            err.ends_with(&format!(
+                "b.yaml: field `id` \"telegram\" is already used by {}",
+                dir.join("a.yaml").display()
+            )),
             "{err}"
         );
         std::fs::write(

@@ -667,9 +667,13 @@ impl EngineThread {
         });
     }
 
-    /// One plugin call for every enqueue of the round.
+    /// One plugin call for every enqueue of the round. A trap here is blamed on the input (see
+    /// [`EngineThread::call_blaming_input`]): the callers are told nothing was acknowledged, and
+    /// the next round runs on a fresh instance. The requests are not retried here: a trap after
+    /// the commit would have stored them already, and only the caller can decide to resend.
     fn enqueue(&mut self, batches: &[api::EnqueueBatch], pending: Vec<PendingEnqueue>) {
-        let results = self.call("enqueue", |api, store| api.call_enqueue(store, batches));
+        let results =
+            self.call_blaming_input("enqueue", |api, store| api.call_enqueue(store, batches));
         match results {
             Some(results) => {
                 for (reply, result) in pending.into_iter().zip(results) {
@@ -722,6 +726,38 @@ impl EngineThread {
                 None
             }
         }
+    }
+
+    /// Calls an export whose failure is blamed on its input rather than on the build (a trap
+    /// while storing particular events): the instance is rebuilt at once, and the failure does
+    /// not count towards holding the build back, so one bad request repeated by its sender
+    /// cannot stop delivery for everyone. During probation it still rolls the swap back.
+    fn call_blaming_input<R>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&api::Guest, &mut wasmtime::Store<runtime::HostState>) -> wasmtime::Result<R>,
+    ) -> Option<R> {
+        let instance = self.instance.as_mut()?;
+        let (api, store) = instance.call();
+        let trap = match f(api, store) {
+            Ok(value) => return Some(value),
+            Err(trap) => trap,
+        };
+        let why = describe_trap(name, trap, self.sandbox.call_deadline);
+        tracing::error!(export = name, error = %why, "the plugin failed on a request; rebuilding it from the store");
+        let io = self
+            .instance
+            .take()
+            .expect("an instance was just used")
+            .into_io();
+        self.parked = Some(io);
+        if self.in_probation() && self.previous.is_some() {
+            self.failed(why);
+        } else {
+            self.status.last_failure = Some(why);
+            self.rebuild();
+        }
+        None
     }
 
     /// Handles a failed instance: during probation, the previous build comes back at once;

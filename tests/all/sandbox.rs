@@ -368,3 +368,42 @@ async fn f19_a_failing_build_is_held_back_and_a_good_build_resumes() {
     );
     host.stop().await;
 }
+
+/// One request whose events make the plugin trap, resent again and again by its sender, does
+/// not hold the plugin back: other appservices' events keep being stored and delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_request_repeated_does_not_stop_the_others() {
+    let receivers = [Receiver::healthy().await, Receiver::healthy().await];
+    let dir = temp_dir("poison");
+    let regs = vec![
+        registration("as1", Some(&receivers[0].url())),
+        registration("as2", Some(&receivers[1].url())),
+    ];
+    let host = TestHost::start_with(&dir, regs, fast_retries(), |config| {
+        config.plugin_path = Some(Variant::Traps.path());
+    });
+    let poisoner = {
+        let host = host.host.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let refused = host.enqueue("as1", vec![poison("trap")]).await;
+                assert!(
+                    matches!(refused, Err(EnqueueError::PluginFailed(_))),
+                    "{refused:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    enqueue_retrying(&host, "as2", (1..=200).map(event)).await;
+    poisoner.await.expect("the poisoner finishes");
+    assert_eq!(receivers[1].wait_for_events(200, WAIT).await, ids(1, 200));
+    let plugin = host.host.plugin_status().await.expect("the host runs");
+    assert_eq!((plugin.state, plugin.consecutive_failures), ("running", 0));
+    assert!(plugin.rebuilds >= 40, "{} rebuilds", plugin.rebuilds);
+    assert!(
+        receivers[0].requests().is_empty(),
+        "the poison was never stored"
+    );
+    host.stop().await;
+}

@@ -396,19 +396,26 @@ impl store::Host for HostState {
     }
 
     fn commit(&mut self, ops: Vec<store::WriteOp>) -> Result<(), store::StoreError> {
-        let writes: Vec<Write> = ops
-            .into_iter()
-            .map(|op| match op {
-                store::WriteOp::Put(e) => Write::Put(e.key, e.value),
-                store::WriteOp::Delete(key) => Write::Delete(key),
-                store::WriteOp::DeleteRange(r) => Write::DeleteRange(r.start, r.end),
-            })
-            .collect();
-        self.io.store.commit(&writes).map_err(to_wit_error)
+        self.io
+            .store
+            .commit(&writes_from_wit(ops))
+            .map_err(to_wit_error)
     }
 }
 
-fn to_wit_error(error: SqlError) -> store::StoreError {
+/// The plugin's writes in the store's terms.
+pub fn writes_from_wit(ops: Vec<store::WriteOp>) -> Vec<Write> {
+    ops.into_iter()
+        .map(|op| match op {
+            store::WriteOp::Put(e) => Write::Put(e.key, e.value),
+            store::WriteOp::Delete(key) => Write::Delete(key),
+            store::WriteOp::DeleteRange(r) => Write::DeleteRange(r.start, r.end),
+        })
+        .collect()
+}
+
+/// A store error in the plugin's terms.
+pub fn to_wit_error(error: SqlError) -> store::StoreError {
     match error {
         SqlError::Unavailable(why) => store::StoreError::Unavailable(why),
         SqlError::Failed(why) => store::StoreError::Failed(why),

@@ -2,31 +2,17 @@
 //! is wrong, rollback of a failing build, and containment of builds that loop, hog memory or
 //! trap (F19).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use asched_host::EnqueueError;
 use asched_host::runtime::Sandbox;
 use asched_tests::variants::Variant;
 use asched_tests::{
-    Receiver, Reply, Request, TestHost, event, fast_retries, ids, registration, temp_dir,
+    Receiver, Reply, Request, TestHost, assert_one_body_per_txn_id, event, fast_retries, ids,
+    registration, temp_dir,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Every txn id the appservice got was sent with one body only.
-fn assert_one_body_per_txn_id(requests: &[Request]) {
-    let mut bodies: BTreeMap<&str, &[u8]> = BTreeMap::new();
-    for r in requests {
-        let first = *bodies.entry(&r.txn_id).or_insert(&r.body);
-        assert_eq!(
-            first,
-            &r.body[..],
-            "txn {} was sent with two bodies",
-            r.txn_id
-        );
-    }
-}
 
 /// Enqueues `events` one by one, retrying an event while the plugin is failing (as a
 /// homeserver does on a 503), so every event is acknowledged once.

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use asched_host::AppserviceStatus;
 use asched_tests::variants::Variant;
 use asched_tests::{
-    Receiver, Reply, Request, TestHost, event, fast_retries, ids, registration, temp_dir,
+    Receiver, Reply, Request, TestHost, assert_one_body_per_txn_id, event, fast_retries, ids,
+    registration, temp_dir,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -133,20 +134,6 @@ impl Memory {
             "{what}: VmSize grew from {} to {} KiB",
             self.size_kib,
             late.size_kib
-        );
-    }
-}
-
-/// Every txn id the appservice got was sent with one body only.
-fn assert_one_body_per_txn_id(requests: &[Request]) {
-    let mut bodies: BTreeMap<&str, &[u8]> = BTreeMap::new();
-    for r in requests {
-        let first = *bodies.entry(&r.txn_id).or_insert(&r.body);
-        assert_eq!(
-            first,
-            &r.body[..],
-            "txn {} was sent with two bodies",
-            r.txn_id
         );
     }
 }

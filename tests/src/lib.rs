@@ -324,6 +324,21 @@ async fn read_request(stream: &mut tokio::io::BufReader<TcpStream>) -> Option<Re
     })
 }
 
+/// Asserts that every txn id among `requests` was sent with one body only: a retry resends the
+/// same bytes, and an id never carries other content.
+pub fn assert_one_body_per_txn_id(requests: &[Request]) {
+    let mut bodies: std::collections::BTreeMap<&str, &[u8]> = std::collections::BTreeMap::new();
+    for r in requests {
+        let first = *bodies.entry(&r.txn_id).or_insert(&r.body);
+        assert_eq!(
+            first,
+            &r.body[..],
+            "txn {} was sent with two bodies",
+            r.txn_id
+        );
+    }
+}
+
 /// A realistic `m.room.message` event with id `$e{n}`, about 400 bytes.
 pub fn event(n: usize) -> String {
     serde_json::json!({

@@ -22,9 +22,9 @@ use std::fmt::Write as _;
 
 use asched_host::runtime::{
     Plugin, PluginImports, PluginPre, api, clock, http_send, log, plugin_linker, random, store,
-    timer, types,
+    timer, to_wit_error, types, writes_from_wit,
 };
-use asched_host::store::{SqliteStore, StoreError as SqlError, Write};
+use asched_host::store::SqliteStore;
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -606,13 +606,6 @@ impl PluginImports for SimState {
 
 impl types::Host for SimState {}
 
-fn sql_error(error: SqlError) -> store::StoreError {
-    match error {
-        SqlError::Unavailable(why) => store::StoreError::Unavailable(why),
-        SqlError::Failed(why) => store::StoreError::Failed(why),
-    }
-}
-
 impl store::Host for SimState {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, store::StoreError> {
         if let Some(error) = self.world.scripted_fault(StoreOp::Get, &[&key]) {
@@ -621,7 +614,7 @@ impl store::Host for SimState {
         if let Some(error) = self.world.store_fault(false) {
             return Err(error);
         }
-        self.world.store.get(&key).map_err(sql_error)
+        self.world.store.get(&key).map_err(to_wit_error)
     }
 
     fn scan(
@@ -636,7 +629,7 @@ impl store::Host for SimState {
             .world
             .store
             .scan(&range.start, &range.end, limit)
-            .map_err(sql_error)?;
+            .map_err(to_wit_error)?;
         Ok(entries
             .into_iter()
             .map(|(key, value)| store::Entry { key, value })
@@ -662,15 +655,10 @@ impl store::Host for SimState {
         if world.faults_on && world.rng.chance(world.faults.slow_commit) {
             world.now_ms += world.rng.range(1, 200);
         }
-        let writes: Vec<Write> = ops
-            .into_iter()
-            .map(|op| match op {
-                store::WriteOp::Put(e) => Write::Put(e.key, e.value),
-                store::WriteOp::Delete(key) => Write::Delete(key),
-                store::WriteOp::DeleteRange(r) => Write::DeleteRange(r.start, r.end),
-            })
-            .collect();
-        world.store.commit(&writes).map_err(sql_error)
+        world
+            .store
+            .commit(&writes_from_wit(ops))
+            .map_err(to_wit_error)
     }
 }
 

@@ -128,7 +128,7 @@ struct Tuning {
     #[arg(long, default_value_t = 512_000)]
     retry_delay_ms_max: u64,
     /// The random share of each retry delay, in percent.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(0..=100))]
     retry_jitter_percent: u8,
     /// How long a connect may take, in ms.
     #[arg(long, default_value_t = 15_000)]

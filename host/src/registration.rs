@@ -153,8 +153,8 @@ pub fn parse(text: &str, source: &Path) -> anyhow::Result<Registration> {
     }
     Ok(Registration {
         url,
-        as_token: field.string("as_token")?,
-        hs_token: field.string("hs_token")?,
+        as_token: field.token("as_token")?,
+        hs_token: field.token("hs_token")?,
         sender_localpart,
         namespaces: field.namespaces()?,
         rate_limited: field.optional_bool("rate_limited")?.unwrap_or(true),
@@ -186,6 +186,15 @@ impl Fields<'_> {
             ),
             None => bail!("{}: missing required field `{name}`", self.file),
         }
+    }
+
+    /// A token: a non-empty string (an empty one would authenticate anyone who sends none).
+    fn token(&self, name: &str) -> anyhow::Result<String> {
+        let token = self.string(name)?;
+        if token.is_empty() {
+            bail!("{}: field `{name}` must not be empty", self.file);
+        }
+        Ok(token)
     }
 
     fn url(&self) -> anyhow::Result<Option<String>> {
@@ -405,6 +414,10 @@ mod tests {
             (
                 GOOD.replace("id: telegram", "id: 42"),
                 "reg.yaml: field `id` must be a string, found a number",
+            ),
+            (
+                GOOD.replace("hs_token: h1", "hs_token: ''"),
+                "reg.yaml: field `hs_token` must not be empty",
             ),
             (
                 GOOD.replace("as_token: a1\n", ""),

@@ -92,11 +92,7 @@ impl Api {
                 "missing `Authorization: Bearer <secret>`".into(),
             ));
         };
-        let given = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = value.to_str().ok().and_then(bearer_token).unwrap_or("");
         if !constant_time_eq(given.as_bytes(), self.secret.as_bytes()) {
             return Err(error(
                 StatusCode::FORBIDDEN,
@@ -106,6 +102,12 @@ impl Api {
         }
         Ok(())
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -329,4 +331,19 @@ fn remove_stale_socket(path: &std::path::Path) -> anyhow::Result<()> {
             path.display()
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Bearer scheme is matched without regard to case, as HTTP defines auth schemes.
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("BEARER s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("Basic s3cret"), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use asched_tests::{
-    Receiver, Reply, Serve, api_client_builder, event, registration_yaml, temp_dir,
+    Receiver, Reply, Serve, api_client_builder, event, registration_yaml, temp_dir, wait_for_exit,
 };
 use serde_json::{Value, json};
 
@@ -18,30 +18,14 @@ use crate::asched_binary;
 /// Runs the binary with `args`, logging only warnings; it must end within 10 s (a `serve`
 /// that should have refused to start is killed, and the test fails).
 fn run(args: &[&std::ffi::OsStr]) -> Output {
-    let mut child = Command::new(asched_binary())
+    let child = Command::new(asched_binary())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child
-        .try_wait()
-        .expect("the child can be waited for")
-        .is_none()
-    {
-        if Instant::now() > deadline {
-            child.kill().expect("the child can be killed");
-            let output = child.wait_with_output().expect("the child ends");
-            panic!(
-                "still running after 10 s: {}",
-                String::from_utf8_lossy(&output.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.wait_with_output().expect("the output is read")
+    wait_for_exit(child, Duration::from_secs(10), "still running after 10 s")
 }
 
 fn check_registrations(path: &Path) -> Output {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use asched_tests::{
     Receiver, Reply, Serve, api_client_builder, event, ids, registration_yaml, temp_dir,
+    wait_for_exit,
 };
 use serde_json::{Value, json};
 
@@ -679,24 +680,8 @@ fn start_unix(data_dir: &Path, regs: &Path, socket: &Path) -> Running {
 
 /// Runs `serve` on a Unix socket where it is expected to refuse to start; returns its stderr.
 fn refused_unix(data_dir: &Path, regs: &Path, socket: &Path) -> String {
-    let mut child = spawn_unix(data_dir, regs, socket, Stdio::piped());
-    let deadline = Instant::now() + WAIT;
-    while child
-        .try_wait()
-        .expect("the child can be waited for")
-        .is_none()
-    {
-        if Instant::now() > deadline {
-            child.kill().expect("the child can be killed");
-            let output = child.wait_with_output().expect("the process ends");
-            panic!(
-                "serve started instead of refusing: {}",
-                String::from_utf8_lossy(&output.stdout)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let output = child.wait_with_output().expect("the process ends");
+    let child = spawn_unix(data_dir, regs, socket, Stdio::piped());
+    let output = wait_for_exit(child, WAIT, "serve started instead of refusing");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(output.stdout.is_empty(), "it never listened: {stderr}");

@@ -339,6 +339,25 @@ pub fn assert_one_body_per_txn_id(requests: &[Request]) {
     }
 }
 
+/// Waits for `child` to exit and returns its output; if it still runs after `timeout`, kills it
+/// and fails the test with `what` and what it printed.
+pub fn wait_for_exit(mut child: Child, timeout: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + timeout;
+    while child
+        .try_wait()
+        .expect("the child can be waited for")
+        .is_none()
+    {
+        if Instant::now() > deadline {
+            child.kill().expect("the child can be killed");
+            let output = child.wait_with_output().expect("the child ends");
+            panic!("{what}: {}", String::from_utf8_lossy(&output.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().expect("the output is read")
+}
+
 /// A realistic `m.room.message` event with id `$e{n}`, about 400 bytes.
 pub fn event(n: usize) -> String {
     serde_json::json!({

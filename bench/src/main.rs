@@ -1,158 +1,674 @@
 //! Benchmarks that print their figures.
 //!
 //! ```text
-//! cargo run --release -p asched-bench -- swap
+//! cargo run --release -p asched-bench            # the whole suite (same as `-- suite`)
+//! cargo run --release -p asched-bench -- swap    # the pause a hot swap causes
 //! ```
 //!
-//! `swap`: the pause a hot swap causes under a steady load of 1,000 events/s over 10
-//! appservices, over 200 swaps between two builds. It prints the cut-over time measured inside
-//! the engine (the time during which no enqueue is answered and no send starts) and the
-//! enqueue latency seen by callers, with and without a swap in progress.
+//! The suite measures the scheduler end to end (homeserver driver → reference host → a receiver
+//! process on 127.0.0.1 that parses every body) and, in the same invocation, the references it
+//! is judged against: Synapse's own appservice scheduler driven against the same receiver (when
+//! a Python environment with `matrix-synapse` is present), the loopback HTTP rate and the SQLite
+//! commit rate of the machine. Every figure is the median of `--runs` runs, with min and max.
 
+mod control;
+mod core;
+mod receiver;
+mod refs;
+mod swap;
+mod workloads;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use asched_tests::variants::Variant;
-use asched_tests::{Receiver, TestHost, event, fast_retries, registration, temp_dir};
+use asched_host::engine::StoreKind;
+use clap::{Parser, Subcommand};
 
-/// Appservices under load.
-const APPSERVICES: usize = 10;
+use crate::control::Receiver;
+use crate::workloads::Bench;
 
-/// Swaps measured.
-const SWAPS: usize = 200;
+#[derive(Parser)]
+#[command(
+    about = "Benchmarks of the asched scheduler, side by side with its references",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand: the suite, with these options.
+    #[command(flatten)]
+    suite: SuiteArgs,
+}
 
-/// Time between two swaps.
-const SWAP_INTERVAL: Duration = Duration::from_millis(25);
+#[derive(Subcommand)]
+enum Command {
+    /// Every figure, with the references measured in the same run (the default).
+    Suite(SuiteArgs),
+    /// The pause a hot swap causes under load.
+    Swap,
+    /// The receiver process the suite starts (not for direct use).
+    #[command(hide = true)]
+    Receiver {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        ports: u16,
+    },
+}
 
-/// Time between two enqueues: 1,000 events/s.
-const ENQUEUE_INTERVAL: Duration = Duration::from_millis(1);
+#[derive(clap::Args, Clone)]
+struct SuiteArgs {
+    /// Runs of each figure; the table shows their median, min and max.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Events per throughput run.
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// The largest backlog measured (the memory and drain figures also use 10,000 and 100,000).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_backlog: usize,
+    /// The receiver's first port; it listens on 1,000 ports from here.
+    #[arg(long, default_value_t = 23100)]
+    port: u16,
+    /// A Python that can `import synapse`.
+    #[arg(long, default_value = "/tmp/synvenv/bin/python")]
+    synapse_python: PathBuf,
+    /// The driver that runs Synapse's `ApplicationServiceScheduler` against the receiver
+    /// (`synapse_sched_bench.py` of the Synapse anchor measurements).
+    #[arg(long, default_value = default_synapse_driver())]
+    synapse_driver: PathBuf,
+    /// Create the Python environment of `--synapse-python` (a virtualenv two folders above it)
+    /// and install matrix-synapse 1.163.2 into it first.
+    #[arg(long)]
+    install_synapse: bool,
+    /// Skip Synapse even when it is available.
+    #[arg(long)]
+    no_synapse: bool,
+}
+
+/// The Synapse anchor lives beside this repository's checkout in the shared workspace.
+const fn default_synapse_driver() -> &'static str {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/bench/synapse-anchor/synapse_sched_bench.py"
+    )
+}
 
 fn main() -> ExitCode {
-    let command = std::env::args().nth(1).unwrap_or_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Receiver { port, ports }) => match receiver::run(port, ports) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Swap) => {
+            runtime().block_on(swap::swap_pause());
+            ExitCode::SUCCESS
+        }
+        Some(Command::Suite(args)) => suite(args),
+        None => suite(cli.suite),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
-        .expect("a tokio runtime starts");
-    match command.as_str() {
-        "swap" => runtime.block_on(swap_pause()),
-        _ => {
-            eprintln!("usage: asched-bench swap");
-            return ExitCode::from(2);
-        }
-    }
-    ExitCode::SUCCESS
+        .expect("a tokio runtime starts")
 }
 
-/// The value at quantile `q` of sorted `values`.
-fn quantile(values: &[u64], q: f64) -> u64 {
-    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
-    values[index]
+/// Wall clock, ns since the Unix epoch (the receiver stamps arrivals with the same clock).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_nanos() as u64
 }
 
-/// Enqueue latencies, each marked with whether a swap was in progress when it was issued.
-type Latencies = Arc<Mutex<Vec<(u64, bool)>>>;
+/// CPU time of the calling thread, ns.
+pub fn thread_cpu_ns() -> u64 {
+    cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
 
-async fn swap_pause() {
-    let mut receivers = Vec::new();
-    let mut registrations = Vec::new();
-    for i in 0..APPSERVICES {
-        let receiver = Receiver::healthy().await;
-        registrations.push(registration(&format!("as{i}"), Some(&receiver.url())));
-        receivers.push(receiver);
-    }
-    let dir = temp_dir("bench-swap");
-    let host = TestHost::start(&dir, registrations, fast_retries());
-    let builds = [Variant::Traps.wasm(), Variant::Shipped.wasm()];
-    let swapping = Arc::new(Mutex::new(false));
-    let latencies: Latencies = Arc::default();
-    let load = tokio::spawn(steady_load(
-        host.host.clone(),
-        swapping.clone(),
-        latencies.clone(),
-    ));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut pauses = Vec::with_capacity(SWAPS);
-    for i in 0..SWAPS {
-        *swapping.lock().expect("no panics while locked") = true;
-        let report = host
-            .host
-            .swap(builds[i % 2].clone())
-            .await
-            .expect("both builds are accepted");
-        *swapping.lock().expect("no panics while locked") = false;
-        pauses.push(report.pause_us);
-        tokio::time::sleep(SWAP_INTERVAL).await;
-    }
-    load.abort();
-    pauses.sort_unstable();
-    let latencies = latencies.lock().expect("no panics while locked").clone();
-    let mut during: Vec<u64> = latencies
-        .iter()
-        .filter(|(_, s)| *s)
-        .map(|(l, _)| *l)
-        .collect();
-    let mut outside: Vec<u64> = latencies
-        .iter()
-        .filter(|(_, s)| !*s)
-        .map(|(l, _)| *l)
-        .collect();
-    during.sort_unstable();
-    outside.sort_unstable();
-    println!(
-        "hot swap under {} events/s over {APPSERVICES} appservices, {SWAPS} swaps",
-        1_000 / ENQUEUE_INTERVAL.as_millis()
-    );
-    println!(
-        "{:<44} {:>9} {:>9} {:>9} {:>7}",
-        "figure (microseconds)", "p50", "p99", "max", "count"
-    );
-    let row = |name: &str, values: &[u64]| {
-        if values.is_empty() {
-            println!("{name:<44} {:>9}", "no samples");
-        } else {
-            let (p50, p99, max) = (
-                quantile(values, 0.5),
-                quantile(values, 0.99),
-                values[values.len() - 1],
-            );
-            println!("{name:<44} {p50:>9} {p99:>9} {max:>9} {:>7}", values.len());
-        }
+/// CPU time of this process (all its threads), ns.
+pub fn process_cpu_ns() -> u64 {
+    cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn cpu_clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    row("swap pause (engine cut-over)", &pauses);
-    row("enqueue latency, issued during a swap", &during);
-    row("enqueue latency, no swap in progress", &outside);
-    let target = 5_000;
-    let verdict = if quantile(&pauses, 0.99) < target {
-        "met"
+    // SAFETY: `ts` is a valid timespec for the call to write into.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime works");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// CPU seconds used so far by process `pid` (user + system, from `/proc`).
+pub fn process_cpu_s(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(11) + field(12)) / ticks
+}
+
+/// The id of event `n` of a workload tagged `tag`: 44 characters, like a room v4+ event id.
+pub fn event_id(n: usize, tag: &str) -> String {
+    let mut id = format!("${tag}{n:08}");
+    while id.len() < 44 {
+        id.push('x');
+    }
+    id
+}
+
+/// A client-format `m.room.message` of about 410 bytes, the shape Synapse sends.
+pub fn event(n: usize, tag: &str) -> String {
+    let ts = 1_700_000_000_000u64 + n as u64;
+    format!(
+        concat!(
+            r#"{{"age":96293221441,"content":{{"body":"Benchmark message {n:08}: the quick brown fox jumps over the lazy dog.","msgtype":"m.text"}},"#,
+            r#""event_id":"{id}","origin_server_ts":{ts},"room_id":"!benchroom0001abcdefgh:bench.local","#,
+            r#""sender":"@alice_bench_user:bench.local","type":"m.room.message","unsigned":{{"age":96293221441}},"#,
+            r#""user_id":"@alice_bench_user:bench.local"}}"#
+        ),
+        n = n,
+        id = event_id(n, tag),
+        ts = ts
+    )
+}
+
+fn events(count: usize, tag: &str) -> Arc<Vec<String>> {
+    Arc::new((0..count).map(|n| event(n, tag)).collect())
+}
+
+/// Median, min and max of some runs.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn spread(values: &[f64]) -> Option<Spread> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    let median = if sorted.len() % 2 == 1 {
+        sorted[mid]
     } else {
-        "NOT met"
+        (sorted[mid - 1] + sorted[mid]) / 2.0
     };
-    println!("target: swap pause p99 under {target} us: {verdict}");
-    host.stop().await;
+    Some(Spread {
+        median,
+        min: sorted[0],
+        max: sorted[sorted.len() - 1],
+    })
 }
 
-/// Enqueues one event every millisecond, round robin over the appservices, recording each
-/// enqueue's latency.
-async fn steady_load(host: asched_host::Host, swapping: Arc<Mutex<bool>>, latencies: Latencies) {
-    let mut ticker = tokio::time::interval(ENQUEUE_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    for n in 0.. {
-        ticker.tick().await;
-        let host = host.clone();
-        let swapping = swapping.clone();
-        let latencies = latencies.clone();
-        tokio::spawn(async move {
-            let during = *swapping.lock().expect("no panics while locked");
-            let started = Instant::now();
-            let appservice = format!("as{}", n % APPSERVICES);
-            if host.enqueue(&appservice, vec![event(n)]).await.is_ok() {
-                let micros = started.elapsed().as_micros() as u64;
-                latencies
-                    .lock()
-                    .expect("no panics while locked")
-                    .push((micros, during));
-            }
-        });
+/// Every run's values, by figure name.
+#[derive(Default)]
+struct Samples(std::collections::BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, name: &'static str, value: f64) {
+        eprintln!("  {name}: {value:.3}");
+        self.0.entry(name).or_default().push(value);
     }
+
+    fn get(&self, name: &str) -> Option<Spread> {
+        spread(self.0.get(name).map_or(&[][..], Vec::as_slice))
+    }
+
+    fn median(&self, name: &str) -> Option<f64> {
+        self.get(name).map(|s| s.median)
+    }
+}
+
+fn fmt_value(value: f64, unit: &str) -> String {
+    match unit {
+        "ev/s" | "rows/s" | "req/s" => format!("{:.0}k", value / 1e3),
+        "µs" => format!("{value:.2}"),
+        "ms" => format!("{value:.3}"),
+        "MiB" => format!("{:.2}", value / (1024.0 * 1024.0)),
+        "×" => format!("{value:.2}"),
+        _ => format!("{value:.1}"),
+    }
+}
+
+fn fmt_spread(s: Option<Spread>, unit: &str) -> String {
+    match s {
+        Some(s) => format!(
+            "{} [{}–{}] {unit}",
+            fmt_value(s.median, unit),
+            fmt_value(s.min, unit),
+            fmt_value(s.max, unit)
+        ),
+        None => "not measured".to_owned(),
+    }
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_owned()))
+        })
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {:.1} GiB memory",
+        memory_kib as f64 / 1024.0 / 1024.0
+    )
+}
+
+fn suite(args: SuiteArgs) -> ExitCode {
+    let runtime = runtime();
+    let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("the temp folder is writable");
+    let result = runtime.block_on(run_suite(&args, &work));
+    let _ = std::fs::remove_dir_all(&work);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("asched-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Appservice counts of the growth table.
+const GROWTH_APPSERVICES: [usize; 4] = [1, 10, 100, 1000];
+
+async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let ports = 1000;
+    let receiver = Receiver::start(args.port, ports)?;
+    eprintln!(
+        "receiver on 127.0.0.1:{}..{} (pid-separate, 1 thread)",
+        args.port,
+        args.port + ports - 1
+    );
+    let synapse = if args.no_synapse {
+        Err("skipped (--no-synapse)".to_owned())
+    } else {
+        if args.install_synapse {
+            let venv = args
+                .synapse_python
+                .parent()
+                .and_then(|bin| bin.parent())
+                .ok_or_else(|| anyhow::anyhow!("--synapse-python must be <venv>/bin/python"))?;
+            eprintln!("installing matrix-synapse into {}", venv.display());
+            if let Err(error) = refs::install_synapse(venv) {
+                eprintln!("{error}");
+            }
+        }
+        refs::find_synapse(&args.synapse_python, &args.synapse_driver)
+    };
+    if let Err(why) = &synapse {
+        eprintln!("Synapse is not measured in this run: {why}");
+    }
+
+    let mut s = Samples::default();
+    let load = |n: usize, tag: &str| events(n, tag);
+    let main_events = load(args.events, "ev");
+    let txn_body = format!(
+        "{{\"events\":[{}]}}",
+        main_events[..100].join(",")
+    )
+    .into_bytes();
+    let backlogs: Vec<usize> = [10_000, 100_000, args.max_backlog]
+        .into_iter()
+        .filter(|&b| b <= args.max_backlog)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let backlog_events = load(*backlogs.last().unwrap_or(&10_000), "bl");
+    let core_events: Vec<String> = main_events.iter().take(100_000).cloned().collect();
+
+    for run in 0..args.runs {
+        eprintln!("run {}/{} ({:.0} s so far)", run + 1, args.runs, started.elapsed().as_secs_f64());
+        // References.
+        let limit_dir = work.join("limits");
+        std::fs::create_dir_all(&limit_dir)?;
+        s.add("sqlite 1", refs::sqlite_limit(&limit_dir, 1, Duration::from_secs(2)));
+        s.add("sqlite 100", refs::sqlite_limit(&limit_dir, 100, Duration::from_secs(2)));
+        receiver.reset(false);
+        s.add(
+            "http limit",
+            refs::http_limit(&receiver, txn_body.clone(), Duration::from_secs(3)).await * 100.0,
+        );
+        if let Ok(setup) = &synapse {
+            for workload in ["a", "b", "c"] {
+                let setup = setup.clone();
+                let result = tokio::task::block_in_place(|| refs::synapse_run(&setup, &receiver, workload));
+                match result {
+                    Ok(r) if workload == "c" => {
+                        s.add("synapse c p50", r.lat_p50_ms);
+                        s.add("synapse c p99", r.lat_p99_ms);
+                    }
+                    Ok(r) if workload == "a" => {
+                        s.add("synapse a", r.events_per_s);
+                        s.add("synapse a cpu", r.cpu_us_per_event);
+                    }
+                    Ok(r) => s.add("synapse b", r.events_per_s),
+                    Err(error) => eprintln!("synapse {workload}: {error}"),
+                }
+            }
+        }
+
+        // The core alone, natively and as the component.
+        let native = core::native(&core_events, 100);
+        let component = core::component(&core_events, 100);
+        s.add("core native", native / 1e3);
+        s.add("core wasm", component / 1e3);
+        s.add("core ratio", component / native);
+
+        // End to end.
+        for &appservices in &GROWTH_APPSERVICES {
+            let bench = Bench::start(work, &receiver, appservices, appservices, StoreKind::File);
+            let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), appservices, 100).await;
+            bench.stop();
+            let (rate, cpu): (&'static str, &'static str) = match appservices {
+                1 => ("e2e 1", "e2e 1 cpu"),
+                10 => ("e2e 10", "e2e 10 cpu"),
+                100 => ("e2e 100", "e2e 100 cpu"),
+                _ => ("e2e 1000", "e2e 1000 cpu"),
+            };
+            s.add(rate, t.events_per_s);
+            s.add(cpu, t.cpu_us_per_event);
+        }
+        let bench = Bench::start(work, &receiver, 1, 1, StoreKind::Memory);
+        let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), 1, 100).await;
+        bench.stop();
+        s.add("mem 1", t.events_per_s);
+        s.add("mem 1 cpu", t.cpu_us_per_event);
+
+        let bench = Bench::start(work, &receiver, 1, 1, StoreKind::File);
+        let l = workloads::latency(&bench.host, &receiver, 200, Duration::from_secs(10), 1).await;
+        bench.stop();
+        s.add("lat p50", l.p50_ms);
+        s.add("lat p99", l.p99_ms);
+
+        // 100 active among 100 and among 10,000 registered.
+        for registered in [100, 10_000] {
+            let bench = Bench::start(work, &receiver, registered, 100, StoreKind::File);
+            let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), 100, 100).await;
+            let l = workloads::latency(&bench.host, &receiver, 200, Duration::from_secs(5), 100).await;
+            bench.stop();
+            if registered == 100 {
+                s.add("reg100 cpu", t.cpu_us_per_event);
+                s.add("reg100 p50", l.p50_ms);
+                s.add("reg100 p99", l.p99_ms);
+            } else {
+                s.add("reg10k cpu", t.cpu_us_per_event);
+                s.add("reg10k p50", l.p50_ms);
+                s.add("reg10k p99", l.p99_ms);
+                s.add("reg10k rate", t.events_per_s);
+            }
+        }
+
+        // Backlogs: memory while down, then the drain.
+        for &size in &backlogs {
+            let bench = Bench::start(work, &receiver, 1, 1, StoreKind::File);
+            let events = Arc::new(backlog_events[..size].to_vec());
+            let b = workloads::backlog(&bench.host, &receiver, events).await;
+            bench.stop();
+            let (mem, rate, cpu): (&'static str, &'static str, &'static str) = match size {
+                10_000 => ("backlog 10k mem", "backlog 10k rate", "backlog 10k cpu"),
+                100_000 => ("backlog 100k mem", "backlog 100k rate", "backlog 100k cpu"),
+                _ => ("backlog max mem", "backlog max rate", "backlog max cpu"),
+            };
+            s.add(mem, b.memory_with_backlog as f64);
+            s.add(rate, b.drain.events_per_s);
+            s.add(cpu, b.drain.cpu_us_per_event);
+            s.add("backlog empty mem", b.memory_before as f64);
+        }
+
+        // The sidecar's HTTP API.
+        let bench = Bench::start(work, &receiver, 1, 1, StoreKind::File);
+        let (accepted, delivered) =
+            workloads::sidecar(&bench.host, &receiver, main_events.clone(), 100).await;
+        bench.stop();
+        s.add("sidecar accepted", accepted);
+        s.add("sidecar e2e", delivered);
+    }
+
+    print_report(args, &s, synapse.as_ref().err(), &backlogs, started.elapsed());
+    Ok(())
+}
+
+fn print_report(
+    args: &SuiteArgs,
+    s: &Samples,
+    synapse_missing: Option<&String>,
+    backlogs: &[usize],
+    took: Duration,
+) {
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!("# asched benchmark suite");
+    println!();
+    println!("- date: {date}");
+    println!("- machine: {}", machine());
+    println!(
+        "- command: `cargo run --release -p asched-bench -- suite --runs {} --events {} --max-backlog {}`",
+        args.runs, args.events, args.max_backlog
+    );
+    println!(
+        "- every figure: median [min–max] of {} runs; took {:.0} s",
+        args.runs,
+        took.as_secs_f64()
+    );
+    match synapse_missing {
+        None => println!(
+            "- Synapse: its real ApplicationServiceScheduler (matrix-synapse from {}), in-memory store, same receiver, same run",
+            args.synapse_python.display()
+        ),
+        Some(why) => println!("- Synapse: NOT measured in this run: {why}"),
+    }
+    println!();
+    println!("## References measured in this run");
+    println!();
+    println!("| reference | measured |");
+    println!("|---|---|");
+    let refs = [
+        ("Synapse, 1 appservice, 100,000 events", "synapse a", "ev/s"),
+        ("Synapse, CPU per event (1 appservice)", "synapse a cpu", "µs"),
+        ("Synapse, 100 appservices, 100,000 events", "synapse b", "ev/s"),
+        ("Synapse, 200 events/s, enqueue → arrival p50", "synapse c p50", "ms"),
+        ("Synapse, 200 events/s, enqueue → arrival p99", "synapse c p99", "ms"),
+        ("loopback HTTP/1.1 PUT of 100 events, 1 connection (events/s)", "http limit", "ev/s"),
+        ("SQLite WAL synchronous=FULL, commits of 1 row (rows/s)", "sqlite 1", "rows/s"),
+        ("SQLite WAL synchronous=FULL, commits of 100 rows (rows/s)", "sqlite 100", "rows/s"),
+    ];
+    for (name, key, unit) in refs {
+        println!("| {name} | {} |", fmt_spread(s.get(key), unit));
+    }
+    println!();
+    println!("## Figures and targets");
+    println!();
+    println!("| figure | target | measured | against the reference | verdict |");
+    println!("|---|---|---|---|---|");
+    let ratio = |ours: &str, reference: &str, invert: bool| -> (Option<f64>, String) {
+        match (s.median(ours), s.median(reference)) {
+            (Some(o), Some(r)) if o > 0.0 && r > 0.0 => {
+                let x = if invert { r / o } else { o / r };
+                (Some(x), format!("{x:.2}×"))
+            }
+            _ => (None, "reference not measured".to_owned()),
+        }
+    };
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "not measured",
+    };
+    let at_least = |key: &str, floor: f64| s.median(key).map(|v| v >= floor);
+    let at_most = |key: &str, ceiling: f64| s.median(key).map(|v| v <= ceiling);
+    let both = |a: Option<bool>, b: Option<bool>| match (a, b) {
+        (Some(x), Some(y)) => Some(x && y),
+        (Some(false), None) | (None, Some(false)) => Some(false),
+        _ => None,
+    };
+
+    let (r, text) = ratio("e2e 1", "synapse a", false);
+    println!(
+        "| end to end, 1 appservice, durable SQLite | ≥ 200k ev/s, ≥ 3× Synapse | {} | {text} Synapse | {} |",
+        fmt_spread(s.get("e2e 1"), "ev/s"),
+        verdict(both(at_least("e2e 1", 200e3), r.map(|x| x >= 3.0)))
+    );
+    let (_, text) = ratio("e2e 100", "synapse b", false);
+    println!(
+        "| end to end, 100 appservices, durable SQLite | ≥ 200k ev/s | {} | {text} Synapse | {} |",
+        fmt_spread(s.get("e2e 100"), "ev/s"),
+        verdict(at_least("e2e 100", 200e3))
+    );
+    let (r, text) = ratio("mem 1", "synapse a", false);
+    println!(
+        "| end to end, 1 appservice, in-memory store | ≥ 500k ev/s, ≥ 8× Synapse | {} | {text} Synapse | {} |",
+        fmt_spread(s.get("mem 1"), "ev/s"),
+        verdict(both(at_least("mem 1", 500e3), r.map(|x| x >= 8.0)))
+    );
+    let (r, text) = ratio("mem 1 cpu", "synapse a cpu", true);
+    println!(
+        "| CPU per delivered event, in-memory store (driver + host) | ≤ 1.5 µs, 10× less than Synapse | {} | {text} less than Synapse | {} |",
+        fmt_spread(s.get("mem 1 cpu"), "µs"),
+        verdict(both(at_most("mem 1 cpu", 1.5), r.map(|x| x >= 10.0)))
+    );
+    let (_, text) = ratio("lat p50", "synapse c p50", false);
+    println!(
+        "| enqueue → arrival p50 at 200 ev/s, durable | ≤ 0.4 ms | {} | {text} Synapse's | {} |",
+        fmt_spread(s.get("lat p50"), "ms"),
+        verdict(at_most("lat p50", 0.4))
+    );
+    let (_, text) = ratio("lat p99", "synapse c p99", false);
+    println!(
+        "| enqueue → arrival p99 at 200 ev/s, durable | ≤ 1 ms | {} | {text} Synapse's | {} |",
+        fmt_spread(s.get("lat p99"), "ms"),
+        verdict(at_most("lat p99", 1.0))
+    );
+    println!(
+        "| core CPU per event, component under wasmtime ÷ native | ≤ 1.3× | {} | native {} µs, component {} µs | {} |",
+        fmt_spread(s.get("core ratio"), "×"),
+        fmt_spread(s.get("core native"), "µs"),
+        fmt_spread(s.get("core wasm"), "µs"),
+        verdict(at_most("core ratio", 1.3))
+    );
+    let max_mem = s.median("backlog max mem");
+    let flat = match (s.median("backlog 10k mem"), max_mem) {
+        (Some(small), Some(large)) => Some(large <= small * 1.10),
+        _ => None,
+    };
+    println!(
+        "| plugin memory, {}-event backlog of a DOWN appservice | ≤ 16 MiB, flat | {} | {} with 10k | {} |",
+        backlogs.last().copied().unwrap_or(0),
+        fmt_spread(s.get("backlog max mem"), "MiB"),
+        fmt_spread(s.get("backlog 10k mem"), "MiB"),
+        verdict(both(max_mem.map(|m| m <= 16.0 * 1024.0 * 1024.0), flat))
+    );
+    let within = |a: &str, b: &str| match (s.median(a), s.median(b)) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
+    };
+    let cpu_ratio = within("reg10k cpu", "reg100 cpu");
+    let p50_ratio = within("reg10k p50", "reg100 p50");
+    println!(
+        "| 10,000 registered, 100 active: CPU per event | within 10 % of 100 registered | {} | {} with 100 registered ({}) | {} |",
+        fmt_spread(s.get("reg10k cpu"), "µs"),
+        fmt_spread(s.get("reg100 cpu"), "µs"),
+        cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+        verdict(cpu_ratio.map(|x| x <= 1.10))
+    );
+    println!(
+        "| 10,000 registered, 100 active: latency p50 at 200 ev/s | within 10 % of 100 registered | {} | {} with 100 registered ({}) | {} |",
+        fmt_spread(s.get("reg10k p50"), "ms"),
+        fmt_spread(s.get("reg100 p50"), "ms"),
+        p50_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+        verdict(p50_ratio.map(|x| x <= 1.10))
+    );
+    let drain = within("backlog 100k rate", "e2e 1");
+    println!(
+        "| drain of a 100,000-event backlog after recovery | ≥ 80 % of 1-appservice rate | {} | {} of the 1-appservice rate | {} |",
+        fmt_spread(s.get("backlog 100k rate"), "ev/s"),
+        drain.map_or("-".into(), |x| format!("{:.0} %", x * 100.0)),
+        verdict(drain.map(|x| x >= 0.8))
+    );
+    println!(
+        "| sidecar API: enqueue over HTTP, batches of 100, durable | ≥ 150k ev/s | {} | end to end {} | {} |",
+        fmt_spread(s.get("sidecar accepted"), "ev/s"),
+        fmt_spread(s.get("sidecar e2e"), "ev/s"),
+        verdict(at_least("sidecar accepted", 150e3))
+    );
+    let (_, text) = ratio("e2e 1", "http limit", false);
+    println!();
+    println!("End to end with 1 appservice runs at {text} of the loopback HTTP limit for 100-event transactions on one connection.");
+    println!();
+    println!("## How cost grows");
+    println!();
+    println!("| appservices (100,000 events, durable) | events/s | CPU µs per event |");
+    println!("|---|---|---|");
+    for (n, rate, cpu) in [
+        (1, "e2e 1", "e2e 1 cpu"),
+        (10, "e2e 10", "e2e 10 cpu"),
+        (100, "e2e 100", "e2e 100 cpu"),
+        (1000, "e2e 1000", "e2e 1000 cpu"),
+    ] {
+        println!(
+            "| {n} | {} | {} |",
+            fmt_spread(s.get(rate), "ev/s"),
+            fmt_spread(s.get(cpu), "µs")
+        );
+    }
+    println!();
+    println!("| backlog of a DOWN appservice | drain events/s | drain CPU µs per event | plugin memory |");
+    println!("|---|---|---|---|");
+    for &size in backlogs {
+        let (mem, rate, cpu) = match size {
+            10_000 => ("backlog 10k mem", "backlog 10k rate", "backlog 10k cpu"),
+            100_000 => ("backlog 100k mem", "backlog 100k rate", "backlog 100k cpu"),
+            _ => ("backlog max mem", "backlog max rate", "backlog max cpu"),
+        };
+        println!(
+            "| {size} | {} | {} | {} |",
+            fmt_spread(s.get(rate), "ev/s"),
+            fmt_spread(s.get(cpu), "µs"),
+            fmt_spread(s.get(mem), "MiB")
+        );
+    }
+    println!(
+        "| (none) | | | {} |",
+        fmt_spread(s.get("backlog empty mem"), "MiB")
+    );
 }

@@ -232,6 +232,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         legacy_query_auth: args.legacy_query_auth,
         sandbox: args.sandbox.sandbox(),
         probation: Duration::from_millis(args.sandbox.probation_ms),
+        store: Default::default(),
     };
     let count = config.registrations.len();
     let (host, engine) = Host::start(config)?;

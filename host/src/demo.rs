@@ -119,6 +119,7 @@ pub async fn run(data_dir: &Path, swap_to: Option<&Path>) -> anyhow::Result<()> 
         legacy_query_auth: Vec::new(),
         sandbox: Default::default(),
         probation: crate::engine::DEFAULT_PROBATION,
+        store: Default::default(),
     };
     let (host, engine) = Host::start(config)?;
     let feeders = feed(&host, &plan);

@@ -20,7 +20,7 @@
 //!   Backoffs are in the store, so retries stay due at the same time. If the new build fails to
 //!   start, or traps within the probation period, the previous build is restored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use crate::http::{HttpConfig, Net};
 use crate::registration::Registration;
 use crate::runtime::{self, Instance, Io, LoadedPlugin, Sandbox, api};
-use crate::store::SqliteStore;
+use crate::store::{MemoryStore, SqliteStore, Store};
 
 /// How often the plugin is ticked.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
@@ -71,6 +71,19 @@ pub struct HostConfig {
     pub sandbox: Sandbox,
     /// How long a swapped-in build is watched; a trap within it restores the previous build.
     pub probation: Duration,
+    /// Where the scheduler's state lives.
+    pub store: StoreKind,
+}
+
+/// Where the scheduler's state lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `scheduler.sqlite` in the data folder: every acknowledged event survives a crash.
+    #[default]
+    File,
+    /// The process's memory: nothing survives the process. For benchmarks that compare the
+    /// scheduler with one that has no store.
+    Memory,
 }
 
 /// The default probation of a swapped-in build.
@@ -200,6 +213,9 @@ pub struct PluginStatus {
     pub timers_pending: usize,
     /// Sends the host has in flight for the plugin.
     pub sends_in_flight: usize,
+    /// The running instance's linear memory, in bytes (it never shrinks while the instance
+    /// lives).
+    pub memory_bytes: usize,
 }
 
 /// A swap that took place.
@@ -264,8 +280,8 @@ pub enum Input {
 #[derive(Clone)]
 pub struct Host {
     inputs: Sender<Input>,
-    no_traffic: Arc<Vec<String>>,
-    known: Arc<Vec<String>>,
+    no_traffic: Arc<HashSet<String>>,
+    known: Arc<HashSet<String>>,
     compiler: Arc<Compiler>,
 }
 
@@ -300,7 +316,12 @@ impl Host {
             )
         })?;
         let data_lock = lock_data_dir(&config.data_dir)?;
-        let store = SqliteStore::open(&config.data_dir.join("scheduler.sqlite"))?;
+        let store = match config.store {
+            StoreKind::File => {
+                Store::Sqlite(SqliteStore::open(&config.data_dir.join("scheduler.sqlite"))?)
+            }
+            StoreKind::Memory => Store::Memory(MemoryStore::default()),
+        };
         let wasm = match &config.plugin_path {
             Some(path) => std::fs::read(path)
                 .with_context(|| format!("cannot read the plugin {}", path.display()))?,
@@ -368,7 +389,7 @@ impl Host {
             .spawn(move || engine.run(&receiver))?;
         let host = Host {
             inputs,
-            no_traffic: Arc::new(no_traffic),
+            no_traffic: Arc::new(no_traffic.iter().cloned().collect()),
             known: Arc::new(known),
             compiler,
         };
@@ -381,10 +402,10 @@ impl Host {
         appservice: &str,
         events: Vec<String>,
     ) -> Result<u32, EnqueueError> {
-        if self.no_traffic.iter().any(|id| id == appservice) {
+        if self.no_traffic.contains(appservice) {
             return Err(EnqueueError::NoTraffic(appservice.to_owned()));
         }
-        if !self.known.iter().any(|id| id == appservice) {
+        if !self.known.contains(appservice) {
             return Err(EnqueueError::UnknownAppservice(appservice.to_owned()));
         }
         let (reply, answer) = oneshot::channel();
@@ -398,7 +419,7 @@ impl Host {
 
     /// Retries an appservice now.
     pub async fn force_retry(&self, appservice: &str) -> Result<(), EnqueueError> {
-        if self.no_traffic.iter().any(|id| id == appservice) {
+        if self.no_traffic.contains(appservice) {
             return Err(EnqueueError::NoTraffic(appservice.to_owned()));
         }
         let (reply, answer) = oneshot::channel();
@@ -900,6 +921,7 @@ impl EngineThread {
             state,
             timers_pending,
             sends_in_flight,
+            memory_bytes: self.instance.as_ref().map_or(0, Instance::memory_bytes),
             next_rebuild_in_ms: self
                 .next_rebuild_at
                 .map(|at| at.saturating_duration_since(Instant::now()).as_millis() as u64),

@@ -21,7 +21,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::engine::Input;
 use crate::http::{Net, SendJob};
-use crate::store::{SqliteStore, StoreError as SqlError, Write};
+use crate::store::{Store as KeyStore, StoreError as SqlError, Write};
 
 wasmtime::component::bindgen!({ path: "../wit", world: "plugin" });
 
@@ -43,7 +43,7 @@ pub const PLUGIN_MEMORY_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// rebuilt, this moves into the new store.
 pub struct Io {
     /// The durable store.
-    pub store: SqliteStore,
+    pub store: KeyStore,
     /// HTTP sending.
     pub net: Arc<Net>,
     /// Where send outcomes and timers report back.
@@ -78,7 +78,7 @@ impl Io {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: MemoryWatch,
     /// The imports' state.
     pub io: Io,
 }
@@ -98,6 +98,52 @@ pub struct LoadedPlugin {
     pre: PluginPre<HostState>,
     /// Hex SHA-256 of the component file.
     pub sha256: String,
+}
+
+/// The sandbox's limits, and the size the instance's memories have grown to.
+struct MemoryWatch {
+    limits: StoreLimits,
+    memory_bytes: usize,
+}
+
+impl wasmtime::ResourceLimiter for MemoryWatch {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory_bytes += desired - current;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 /// A running plugin instance.
@@ -195,7 +241,10 @@ impl LoadedPlugin {
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
-            limits,
+            limits: MemoryWatch {
+                limits,
+                memory_bytes: 0,
+            },
             io,
         };
         let mut store = Store::new(&self.engine, state);
@@ -259,6 +308,11 @@ impl Instance {
     pub fn call(&mut self) -> (&api::Guest, &mut Store<HostState>) {
         self.store.set_epoch_deadline(self.deadline_ticks);
         (self.plugin.asched_scheduler_scheduler(), &mut self.store)
+    }
+
+    /// The size of the instance's linear memories, in bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limits.memory_bytes
     }
 
     /// The imports' state.
@@ -398,7 +452,7 @@ impl store::Host for HostState {
     fn commit(&mut self, ops: Vec<store::WriteOp>) -> Result<(), store::StoreError> {
         self.io
             .store
-            .commit(&writes_from_wit(ops))
+            .commit(writes_from_wit(ops))
             .map_err(to_wit_error)
     }
 }

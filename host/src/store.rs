@@ -5,6 +5,7 @@
 //! enqueue that arrived since the last call in one batch, and the plugin writes them in one
 //! commit, so many enqueues share one fsync.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
@@ -140,6 +141,90 @@ impl SqliteStore {
     }
 }
 
+/// Ordered keys in this process's memory: commits are atomic (they cannot fail half-way) but
+/// nothing survives the process. For benchmarks that compare with schedulers that keep no
+/// store, and for hosts that accept losing their backlog on a restart.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    keys: BTreeMap<String, Vec<u8>>,
+}
+
+impl MemoryStore {
+    fn scan(&self, start: &str, end: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
+        if start >= end {
+            return Vec::new();
+        }
+        self.keys
+            .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .take(limit as usize)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn commit(&mut self, writes: Vec<Write>) {
+        for write in writes {
+            match write {
+                Write::Put(key, value) => {
+                    self.keys.insert(key, value);
+                }
+                Write::Delete(key) => {
+                    self.keys.remove(&key);
+                }
+                Write::DeleteRange(start, end) => {
+                    if start < end {
+                        let mut tail = self.keys.split_off(start.as_str());
+                        let mut after = tail.split_off(end.as_str());
+                        self.keys.append(&mut after);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The store behind the plugin's `store` import.
+#[derive(Debug)]
+pub enum Store {
+    /// Durable, on a SQLite file.
+    Sqlite(SqliteStore),
+    /// In memory only.
+    Memory(MemoryStore),
+}
+
+impl Store {
+    /// Reads one key.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.get(key),
+            Store::Memory(store) => Ok(store.keys.get(key).cloned()),
+        }
+    }
+
+    /// Reads up to `limit` entries with `start <= key < end`, in key order.
+    pub fn scan(
+        &self,
+        start: &str,
+        end: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.scan(start, end, limit),
+            Store::Memory(store) => Ok(store.scan(start, end, limit)),
+        }
+    }
+
+    /// Applies `writes` atomically (and, on SQLite, durably).
+    pub fn commit(&mut self, writes: Vec<Write>) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.commit(&writes),
+            Store::Memory(store) => {
+                store.commit(writes);
+                Ok(())
+            }
+        }
+    }
+}
+
 fn map_error(error: rusqlite::Error) -> StoreError {
     match error.sqlite_error_code() {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
@@ -152,6 +237,40 @@ fn map_error(error: rusqlite::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The memory store orders, limits and deletes ranges exactly as the SQLite one does.
+    #[test]
+    fn memory_store_matches_sqlite_semantics() {
+        let mut store = Store::Memory(MemoryStore::default());
+        store
+            .commit(vec![
+                Write::Put("q/2".into(), b"two".to_vec()),
+                Write::Put("q/1".into(), b"one".to_vec()),
+                Write::Put("q/3".into(), b"three".to_vec()),
+                Write::Put("r".into(), b"other".to_vec()),
+                Write::Put("q/3".into(), b"THREE".to_vec()),
+            ])
+            .unwrap();
+        let all = store.scan("q/", "q0", 10).unwrap();
+        let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["q/1", "q/2", "q/3"]);
+        assert_eq!(all[2].1, b"THREE");
+        assert_eq!(store.scan("q/", "q0", 2).unwrap().len(), 2);
+        assert_eq!(store.scan("q0", "q/", 10).unwrap(), vec![]);
+        store
+            .commit(vec![
+                Write::DeleteRange("q/1".into(), "q/3".into()),
+                Write::DeleteRange("z".into(), "a".into()),
+                Write::Delete("r".into()),
+            ])
+            .unwrap();
+        assert_eq!(
+            store.scan("", "\u{10FFFF}", 10).unwrap(),
+            vec![("q/3".to_owned(), b"THREE".to_vec())]
+        );
+        assert_eq!(store.get("r").unwrap(), None);
+        assert_eq!(store.get("q/3").unwrap(), Some(b"THREE".to_vec()));
+    }
 
     fn temp_store(name: &str) -> (SqliteStore, std::path::PathBuf) {
         let path =

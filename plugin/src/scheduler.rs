@@ -671,23 +671,45 @@ impl Scheduler {
     /// its id and body before it is sent.
     fn form_txn(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
         let a = &self.appservices[id];
-        let head = a.record.head;
-        let entries = match fx.scan(&a.keys.queued(head), &a.keys.queue_end(), a.cap_events) {
-            Ok(entries) => entries,
-            Err(error) => {
-                self.pause_for_storage(fx, id, error.to_string());
-                return None;
-            }
-        };
-        let built = match build_body(&a.keys, head, &entries, self.config.max_txn_body_bytes) {
-            Ok(built) => built,
+        let mut record = a.record.clone();
+        let next = match self.prepare_txn(fx, id, &mut record) {
+            Ok(next) => next,
             Err(why) => {
-                fx.log(LogLevel::Error, Some(id), &why);
                 self.pause_for_storage(fx, id, why);
                 return None;
             }
         };
-        let mut record = a.record.clone();
+        let mut ops = next.ops(&a.keys);
+        ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
+        if let Err(error) = fx.commit(ops) {
+            self.pause_for_storage(fx, id, error.to_string());
+            return None;
+        }
+        let a = self
+            .appservices
+            .get_mut(id)
+            .expect("the id was found above");
+        a.record = record;
+        a.txn = Some(next.txn);
+        Some(next.body)
+    }
+
+    /// Reads the head of the queue from `record.head` and builds the next transaction, up to
+    /// the caps; advances `record.next_txn` past its id. Nothing is written: the caller commits
+    /// [`NextTxn::ops`] with the record, alone or together with other writes.
+    fn prepare_txn(
+        &self,
+        fx: &mut impl Effects,
+        id: &str,
+        record: &mut Record,
+    ) -> Result<NextTxn, String> {
+        let a = &self.appservices[id];
+        let head = record.head;
+        let entries = fx
+            .scan(&a.keys.queued(head), &a.keys.queue_end(), a.cap_events)
+            .map_err(|error| error.to_string())?;
+        let built = build_body(&a.keys, head, &entries, self.config.max_txn_body_bytes)
+            .inspect_err(|why| fx.log(LogLevel::Error, Some(id), why))?;
         let txn = StoredTxn {
             txn_id: format!("{}.{}", record.epoch, record.next_txn),
             first: head,
@@ -699,22 +721,10 @@ impl Scheduler {
         if !cfg!(feature = "fault-reuse-txn-id") {
             record.next_txn += 1;
         }
-        let ops = vec![
-            WriteOp::Put(a.keys.txn(), to_json(&txn)),
-            WriteOp::Put(a.keys.txn_body(), built.body.clone()),
-            WriteOp::Put(a.keys.meta(), to_json(&record)),
-        ];
-        if let Err(error) = fx.commit(ops) {
-            self.pause_for_storage(fx, id, error.to_string());
-            return None;
-        }
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("the id was found above");
-        a.record = record;
-        a.txn = Some(txn);
-        Some(built.body)
+        Ok(NextTxn {
+            txn,
+            body: built.body,
+        })
     }
 
     /// Hands the stored transaction to the host.
@@ -740,8 +750,10 @@ impl Scheduler {
     }
 
     /// Records a delivered transaction: its events leave the queue, and the next transaction
-    /// is dispatched. If the write fails, the queue pauses and the write is retried; nothing
-    /// else is sent meanwhile, and a crash resends the same transaction under the same id.
+    /// is dispatched. When events wait behind it, the next transaction is formed and stored in
+    /// the same commit (one durable write per delivered transaction), and sent at once. If the
+    /// write fails, the queue pauses and the write is retried; nothing else is sent meanwhile,
+    /// and a crash resends the same transaction under the same id.
     fn record_success(&mut self, fx: &mut impl Effects, id: &str) {
         let a = &self.appservices[id];
         let txn = a
@@ -755,12 +767,23 @@ impl Scheduler {
         record.down = a.phase != Phase::Up && !drained;
         record.failed_attempts = 0;
         record.retry_at_ms = None;
-        let ops = vec![
+        let mut ops = vec![
             WriteOp::DeleteRange(a.keys.queued(txn.first), a.keys.queued(txn.end)),
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
-            WriteOp::Put(a.keys.meta(), to_json(&record)),
         ];
+        // The next transaction goes into the same commit when it can be formed now; any
+        // problem forming it is left to `dispatch`, after this success is recorded.
+        let next = if drained || a.timer.is_some() {
+            None
+        } else {
+            self.prepare_txn(fx, id, &mut record).ok()
+        };
+        let a = &self.appservices[id];
+        if let Some(next) = &next {
+            ops.extend(next.ops(&a.keys));
+        }
+        ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
         if let Err(error) = fx.commit(ops) {
             let why = format!("txn {} delivered but not recorded: {error}", txn.txn_id);
             fx.log(LogLevel::Warn, Some(id), &why);
@@ -794,7 +817,13 @@ impl Scheduler {
             }
             (_, false) => a.phase = Phase::Recovering,
         }
-        self.dispatch(fx, id, false);
+        match next {
+            Some(next) => {
+                a.txn = Some(next.txn);
+                self.start_send(fx, id, &next.body);
+            }
+            None => self.dispatch(fx, id, false),
+        }
     }
 
     /// A 413 answer: the transaction is too large for the appservice. Its id is retired (never
@@ -1002,6 +1031,22 @@ fn rebuild_queue_bounds(
     }
     record.head = first.unwrap_or(record.tail);
     Ok(())
+}
+
+/// A transaction formed from the head of a queue, not yet stored.
+struct NextTxn {
+    txn: StoredTxn,
+    body: Vec<u8>,
+}
+
+impl NextTxn {
+    /// The writes that store it.
+    fn ops(&self, keys: &Keys) -> Vec<WriteOp> {
+        vec![
+            WriteOp::Put(keys.txn(), to_json(&self.txn)),
+            WriteOp::Put(keys.txn_body(), self.body.clone()),
+        ]
+    }
 }
 
 /// A transaction body formed from the head of a queue.

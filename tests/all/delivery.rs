@@ -60,6 +60,7 @@ async fn a_second_host_on_the_same_data_folder_is_refused() {
         legacy_query_auth: Vec::new(),
         sandbox: Default::default(),
         probation: asched_host::engine::DEFAULT_PROBATION,
+        store: Default::default(),
     };
     let refusal = asched_host::Host::start(config)
         .expect_err("the folder is in use")

@@ -457,6 +457,7 @@ impl TestHost {
             legacy_query_auth: Vec::new(),
             sandbox: Default::default(),
             probation: asched_host::engine::DEFAULT_PROBATION,
+            store: Default::default(),
         };
         tweak(&mut config);
         let (host, engine) = Host::start(config).expect("the host starts");

@@ -48,6 +48,17 @@ enum Command {
     Suite(SuiteArgs),
     /// The pause a hot swap causes under load.
     Swap,
+    /// One end-to-end throughput run, for profiling: `file` or `memory` store.
+    Once {
+        #[arg(long, default_value = "file")]
+        store: String,
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        appservices: usize,
+        #[arg(long, default_value_t = 23100)]
+        port: u16,
+    },
     /// The receiver process the suite starts (not for direct use).
     #[command(hide = true)]
     Receiver {
@@ -111,6 +122,28 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Suite(args)) => suite(args),
+        Some(Command::Once {
+            store,
+            events: count,
+            appservices,
+            port,
+        }) => {
+            let store = if store == "memory" {
+                StoreKind::Memory
+            } else {
+                StoreKind::File
+            };
+            let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
+            runtime().block_on(async {
+                let receiver = Receiver::start(port, appservices as u16).expect("the receiver starts");
+                let bench = Bench::start(&work, &receiver, appservices, appservices, store);
+                let t = workloads::throughput(&bench.host, &receiver, events(count, "ev"), appservices, 100).await;
+                bench.stop();
+                println!("{t:?}");
+            });
+            let _ = std::fs::remove_dir_all(&work);
+            ExitCode::SUCCESS
+        }
         None => suite(cli.suite),
     }
 }

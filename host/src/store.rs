@@ -172,9 +172,17 @@ impl MemoryStore {
                 }
                 Write::DeleteRange(start, end) => {
                     if start < end {
-                        let mut tail = self.keys.split_off(start.as_str());
-                        let mut after = tail.split_off(end.as_str());
-                        self.keys.append(&mut after);
+                        let doomed: Vec<String> = self
+                            .keys
+                            .range::<str, _>((
+                                std::ops::Bound::Included(start.as_str()),
+                                std::ops::Bound::Excluded(end.as_str()),
+                            ))
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for key in doomed {
+                            self.keys.remove(&key);
+                        }
                     }
                 }
             }

@@ -20,7 +20,13 @@ fn main() {
         .parent()
         .expect("the host crate lives inside the workspace")
         .to_path_buf();
-    for watched in ["plugin/src", "plugin/Cargo.toml", "wit", "Cargo.lock"] {
+    for watched in [
+        "plugin/src",
+        "plugin/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let target_dir = root.join("target").join("plugin-wasm");

@@ -36,7 +36,13 @@ impl Receiver {
     pub fn start(port: u16, ports: u16) -> anyhow::Result<Receiver> {
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
-            .args(["receiver", "--port", &port.to_string(), "--ports", &ports.to_string()])
+            .args([
+                "receiver",
+                "--port",
+                &port.to_string(),
+                "--ports",
+                &ports.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()?;
         let mut line = String::new();
@@ -54,7 +60,10 @@ impl Receiver {
 
     /// The URL of appservice `index`.
     pub fn url(&self, index: usize) -> String {
-        assert!(index < usize::from(self.ports), "the receiver has a port per appservice");
+        assert!(
+            index < usize::from(self.ports),
+            "the receiver has a port per appservice"
+        );
         format!("http://127.0.0.1:{}", self.port + index as u16)
     }
 

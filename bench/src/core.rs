@@ -257,7 +257,11 @@ pub fn native(events: &[String], batch: usize) -> f64 {
         .iter()
         .map(|s| s.delivered_events)
         .sum();
-    assert_eq!(delivered, events.len() as u64, "the native core delivered every event");
+    assert_eq!(
+        delivered,
+        events.len() as u64,
+        "the native core delivered every event"
+    );
     cpu as f64 / events.len() as f64
 }
 
@@ -317,6 +321,10 @@ pub fn component(events: &[String], batch: usize) -> f64 {
         .iter()
         .map(|s| s.delivered_events)
         .sum();
-    assert_eq!(delivered, events.len() as u64, "the component delivered every event");
+    assert_eq!(
+        delivered,
+        events.len() as u64,
+        "the component delivered every event"
+    );
     cpu as f64 / events.len() as f64
 }

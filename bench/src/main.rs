@@ -59,6 +59,11 @@ enum Command {
         #[arg(long, default_value_t = 23100)]
         port: u16,
     },
+    /// The scheduler core alone, natively and as the component (CPU ns per event).
+    Core {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+    },
     /// The receiver process the suite starts (not for direct use).
     #[command(hide = true)]
     Receiver {
@@ -122,6 +127,16 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Suite(args)) => suite(args),
+        Some(Command::Core { events: count }) => {
+            let events = events(count, "ev");
+            let native = core::native(&events, 100);
+            let component = core::component(&events, 100);
+            println!(
+                "native {native:.0} ns/event, component {component:.0} ns/event, ratio {:.2}",
+                component / native
+            );
+            ExitCode::SUCCESS
+        }
         Some(Command::Once {
             store,
             events: count,
@@ -135,9 +150,17 @@ fn main() -> ExitCode {
             };
             let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
             runtime().block_on(async {
-                let receiver = Receiver::start(port, appservices as u16).expect("the receiver starts");
+                let receiver =
+                    Receiver::start(port, appservices as u16).expect("the receiver starts");
                 let bench = Bench::start(&work, &receiver, appservices, appservices, store);
-                let t = workloads::throughput(&bench.host, &receiver, events(count, "ev"), appservices, 100).await;
+                let t = workloads::throughput(
+                    &bench.host,
+                    &receiver,
+                    events(count, "ev"),
+                    appservices,
+                    100,
+                )
+                .await;
                 bench.stop();
                 println!("{t:?}");
             });
@@ -197,7 +220,12 @@ pub fn process_cpu_s(pid: u32) -> f64 {
         .collect();
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (field(11) + field(12)) / ticks
 }
 
@@ -373,11 +401,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
     let mut s = Samples::default();
     let load = |n: usize, tag: &str| events(n, tag);
     let main_events = load(args.events, "ev");
-    let txn_body = format!(
-        "{{\"events\":[{}]}}",
-        main_events[..100].join(",")
-    )
-    .into_bytes();
+    let txn_body = format!("{{\"events\":[{}]}}", main_events[..100].join(",")).into_bytes();
     let backlogs: Vec<usize> = [10_000, 100_000, args.max_backlog]
         .into_iter()
         .filter(|&b| b <= args.max_backlog)
@@ -388,12 +412,23 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
     let core_events: Vec<String> = main_events.iter().take(100_000).cloned().collect();
 
     for run in 0..args.runs {
-        eprintln!("run {}/{} ({:.0} s so far)", run + 1, args.runs, started.elapsed().as_secs_f64());
+        eprintln!(
+            "run {}/{} ({:.0} s so far)",
+            run + 1,
+            args.runs,
+            started.elapsed().as_secs_f64()
+        );
         // References.
         let limit_dir = work.join("limits");
         std::fs::create_dir_all(&limit_dir)?;
-        s.add("sqlite 1", refs::sqlite_limit(&limit_dir, 1, Duration::from_secs(2)));
-        s.add("sqlite 100", refs::sqlite_limit(&limit_dir, 100, Duration::from_secs(2)));
+        s.add(
+            "sqlite 1",
+            refs::sqlite_limit(&limit_dir, 1, Duration::from_secs(2)),
+        );
+        s.add(
+            "sqlite 100",
+            refs::sqlite_limit(&limit_dir, 100, Duration::from_secs(2)),
+        );
         receiver.reset(false);
         s.add(
             "http limit",
@@ -402,7 +437,8 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         if let Ok(setup) = &synapse {
             for workload in ["a", "b", "c"] {
                 let setup = setup.clone();
-                let result = tokio::task::block_in_place(|| refs::synapse_run(&setup, &receiver, workload));
+                let result =
+                    tokio::task::block_in_place(|| refs::synapse_run(&setup, &receiver, workload));
                 match result {
                     Ok(r) if workload == "c" => {
                         s.add("synapse c p50", r.lat_p50_ms);
@@ -428,7 +464,14 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         // End to end.
         for &appservices in &GROWTH_APPSERVICES {
             let bench = Bench::start(work, &receiver, appservices, appservices, StoreKind::File);
-            let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), appservices, 100).await;
+            let t = workloads::throughput(
+                &bench.host,
+                &receiver,
+                main_events.clone(),
+                appservices,
+                100,
+            )
+            .await;
             bench.stop();
             let (rate, cpu): (&'static str, &'static str) = match appservices {
                 1 => ("e2e 1", "e2e 1 cpu"),
@@ -454,8 +497,10 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         // 100 active among 100 and among 10,000 registered.
         for registered in [100, 10_000] {
             let bench = Bench::start(work, &receiver, registered, 100, StoreKind::File);
-            let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), 100, 100).await;
-            let l = workloads::latency(&bench.host, &receiver, 200, Duration::from_secs(5), 100).await;
+            let t =
+                workloads::throughput(&bench.host, &receiver, main_events.clone(), 100, 100).await;
+            let l =
+                workloads::latency(&bench.host, &receiver, 200, Duration::from_secs(5), 100).await;
             bench.stop();
             if registered == 100 {
                 s.add("reg100 cpu", t.cpu_us_per_event);
@@ -495,7 +540,13 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         s.add("sidecar e2e", delivered);
     }
 
-    print_report(args, &s, synapse.as_ref().err(), &backlogs, started.elapsed());
+    print_report(
+        args,
+        &s,
+        synapse.as_ref().err(),
+        &backlogs,
+        started.elapsed(),
+    );
     Ok(())
 }
 
@@ -538,13 +589,41 @@ fn print_report(
     println!("|---|---|");
     let refs = [
         ("Synapse, 1 appservice, 100,000 events", "synapse a", "ev/s"),
-        ("Synapse, CPU per event (1 appservice)", "synapse a cpu", "µs"),
-        ("Synapse, 100 appservices, 100,000 events", "synapse b", "ev/s"),
-        ("Synapse, 200 events/s, enqueue → arrival p50", "synapse c p50", "ms"),
-        ("Synapse, 200 events/s, enqueue → arrival p99", "synapse c p99", "ms"),
-        ("loopback HTTP/1.1 PUT of 100 events, 1 connection (events/s)", "http limit", "ev/s"),
-        ("SQLite WAL synchronous=FULL, commits of 1 row (rows/s)", "sqlite 1", "rows/s"),
-        ("SQLite WAL synchronous=FULL, commits of 100 rows (rows/s)", "sqlite 100", "rows/s"),
+        (
+            "Synapse, CPU per event (1 appservice)",
+            "synapse a cpu",
+            "µs",
+        ),
+        (
+            "Synapse, 100 appservices, 100,000 events",
+            "synapse b",
+            "ev/s",
+        ),
+        (
+            "Synapse, 200 events/s, enqueue → arrival p50",
+            "synapse c p50",
+            "ms",
+        ),
+        (
+            "Synapse, 200 events/s, enqueue → arrival p99",
+            "synapse c p99",
+            "ms",
+        ),
+        (
+            "loopback HTTP/1.1 PUT of 100 events, 1 connection (events/s)",
+            "http limit",
+            "ev/s",
+        ),
+        (
+            "SQLite WAL synchronous=FULL, commits of 1 row (rows/s)",
+            "sqlite 1",
+            "rows/s",
+        ),
+        (
+            "SQLite WAL synchronous=FULL, commits of 100 rows (rows/s)",
+            "sqlite 100",
+            "rows/s",
+        ),
     ];
     for (name, key, unit) in refs {
         println!("| {name} | {} |", fmt_spread(s.get(key), unit));
@@ -666,7 +745,9 @@ fn print_report(
     );
     let (_, text) = ratio("e2e 1", "http limit", false);
     println!();
-    println!("End to end with 1 appservice runs at {text} of the loopback HTTP limit for 100-event transactions on one connection.");
+    println!(
+        "End to end with 1 appservice runs at {text} of the loopback HTTP limit for 100-event transactions on one connection."
+    );
     println!();
     println!("## How cost grows");
     println!();
@@ -685,7 +766,9 @@ fn print_report(
         );
     }
     println!();
-    println!("| backlog of a DOWN appservice | drain events/s | drain CPU µs per event | plugin memory |");
+    println!(
+        "| backlog of a DOWN appservice | drain events/s | drain CPU µs per event | plugin memory |"
+    );
     println!("|---|---|---|---|");
     for &size in backlogs {
         let (mem, rate, cpu) = match size {

@@ -141,7 +141,10 @@ async fn handle(
         _ => {}
     }
     let Some(at) = path.find(TXN_PATH) else {
-        return Ok(reply(StatusCode::NOT_FOUND, r#"{"errcode":"M_UNRECOGNIZED"}"#));
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            r#"{"errcode":"M_UNRECOGNIZED"}"#,
+        ));
     };
     if request.method() != Method::PUT {
         return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, "{}"));
@@ -161,7 +164,10 @@ async fn handle(
         return Ok(reply(status, r#"{"errcode":"M_UNKNOWN"}"#));
     }
     let Ok(txn) = serde_json::from_slice::<Txn>(&body) else {
-        return Ok(reply(StatusCode::BAD_REQUEST, r#"{"errcode":"M_NOT_JSON"}"#));
+        return Ok(reply(
+            StatusCode::BAD_REQUEST,
+            r#"{"errcode":"M_NOT_JSON"}"#,
+        ));
     };
     let ids = if state.log_ids.load(Relaxed) {
         txn.events.iter().map(|e| e.event_id.to_string()).collect()

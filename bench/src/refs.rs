@@ -38,7 +38,10 @@ pub fn find_synapse(python: &Path, script: &Path) -> Result<SynapseSetup, String
         ));
     }
     let check = Command::new(python)
-        .args(["-c", "import synapse, sys; sys.stdout.write(synapse.__version__)"])
+        .args([
+            "-c",
+            "import synapse, sys; sys.stdout.write(synapse.__version__)",
+        ])
         .output();
     match check {
         Ok(out) if out.status.success() => Ok(SynapseSetup {
@@ -62,7 +65,11 @@ pub fn install_synapse(venv: &Path) -> Result<(), String> {
         if status.success() {
             Ok(())
         } else {
-            Err(format!("{} {} failed: {status}", program.display(), args.join(" ")))
+            Err(format!(
+                "{} {} failed: {status}",
+                program.display(),
+                args.join(" ")
+            ))
         }
     };
     let venv_text = venv.to_string_lossy().into_owned();
@@ -85,7 +92,12 @@ pub fn synapse_run(
         .arg(&setup.script)
         .args(["--workload", workload])
         .args(["--port", &receiver.port.to_string()])
-        .args(["--tmpdir", &std::env::temp_dir().join("asched-bench-synapse").to_string_lossy()]);
+        .args([
+            "--tmpdir",
+            &std::env::temp_dir()
+                .join("asched-bench-synapse")
+                .to_string_lossy(),
+        ]);
     if workload == "b" {
         command.args(["--n-as", "100"]);
     }
@@ -103,12 +115,17 @@ pub fn synapse_run(
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    let value: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("unreadable driver output {line:?}: {e}"))?;
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| format!("unreadable driver output {line:?}: {e}"))?;
     if let Some(error) = value.get("error") {
         return Err(format!("the Synapse run failed: {error}"));
     }
-    let number = |key: &str| value.get(key).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let number = |key: &str| {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    };
     let events = number("n_events").max(1.0);
     Ok(SynapseRun {
         events_per_s: number("events_per_s"),
@@ -134,18 +151,20 @@ pub async fn http_limit(receiver: &Receiver, body: Vec<u8>, duration: Duration) 
     let mut done = 0u64;
     let started = Instant::now();
     while started.elapsed() < duration {
-        let request = hyper::Request::put(format!(
-            "/_matrix/app/v1/transactions/limit{done}"
-        ))
-        .header("host", "127.0.0.1")
-        .header("authorization", "Bearer limit")
-        .header("content-type", "application/json")
-        .body(Full::new(body.clone()))
-        .expect("a valid request");
+        let request = hyper::Request::put(format!("/_matrix/app/v1/transactions/limit{done}"))
+            .header("host", "127.0.0.1")
+            .header("authorization", "Bearer limit")
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .expect("a valid request");
         sender.ready().await.expect("the connection stays open");
         let response = sender.send_request(request).await.expect("an answer");
         assert_eq!(response.status(), 200, "the receiver takes the body");
-        response.into_body().collect().await.expect("the answer's body");
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("the answer's body");
         done += 1;
     }
     let rate = done as f64 / started.elapsed().as_secs_f64();

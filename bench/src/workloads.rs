@@ -334,12 +334,16 @@ pub async fn sidecar(
         .pool_max_idle_per_host(PRODUCERS)
         .build()
         .expect("a client");
-    let url = format!("http://{addr}/_asched/v1/appservices/{}/events", appservice(0));
+    let url = format!(
+        "http://{addr}/_asched/v1/appservices/{}/events",
+        appservice(0)
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let started = now_ns();
     let mut producers = Vec::new();
     for _ in 0..PRODUCERS {
-        let (client, bodies, next, url) = (client.clone(), bodies.clone(), next.clone(), url.clone());
+        let (client, bodies, next, url) =
+            (client.clone(), bodies.clone(), next.clone(), url.clone());
         producers.push(tokio::spawn(async move {
             loop {
                 let call = next.fetch_add(1, Ordering::Relaxed);
@@ -366,7 +370,12 @@ pub async fn sidecar(
     let total = events.len() as u64;
     let arrived = tokio::task::block_in_place(|| receiver.wait_for(total, RUN_TIMEOUT));
     assert!(arrived, "every event arrives");
-    let last = receiver.dump().iter().map(|a| a.ns).max().unwrap_or(accepted);
+    let last = receiver
+        .dump()
+        .iter()
+        .map(|a| a.ns)
+        .max()
+        .unwrap_or(accepted);
     let _ = stop_tx.send(());
     let _ = server.await;
     (

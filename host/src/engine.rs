@@ -317,9 +317,9 @@ impl Host {
         })?;
         let data_lock = lock_data_dir(&config.data_dir)?;
         let store = match config.store {
-            StoreKind::File => {
-                Store::Sqlite(SqliteStore::open(&config.data_dir.join("scheduler.sqlite"))?)
-            }
+            StoreKind::File => Store::Sqlite(SqliteStore::open(
+                &config.data_dir.join("scheduler.sqlite"),
+            )?),
             StoreKind::Memory => Store::Memory(MemoryStore::default()),
         };
         let wasm = match &config.plugin_path {

@@ -51,6 +51,7 @@ impl SqliteStore {
         );
         conn.execute_batch(
             "PRAGMA synchronous=FULL;
+             PRAGMA cache_size=-65536;
              CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
         )
         .with_context(|| format!("cannot prepare the SQLite store {}", path.display()))?;
@@ -155,7 +156,10 @@ impl MemoryStore {
             return Vec::new();
         }
         self.keys
-            .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Excluded(end)))
+            .range::<str, _>((
+                std::ops::Bound::Included(start),
+                std::ops::Bound::Excluded(end),
+            ))
             .take(limit as usize)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()

@@ -6,11 +6,19 @@
 //! | key | value |
 //! |---|---|
 //! | `as/{id}/meta` | [`Record`] as JSON: txn-id epoch and counter, DOWN flag and backoff, queue bounds |
-//! | `as/{id}/q/{seq}` | one undelivered event: 8 bytes of enqueue time (ms since the Unix epoch, little endian), then its JSON |
+//! | `as/{id}/c/{seq}` | a chunk: the undelivered events `seq ..` of one enqueued batch (see [`encode_chunk`]) |
 //! | `as/{id}/txn` | [`StoredTxn`] as JSON: the transaction being sent or retried |
-//! | `as/{id}/txn-body` | that transaction's exact body bytes |
 //!
-//! `{seq}` is 16 lowercase hex digits, so key order is enqueue order.
+//! `{seq}` is 16 lowercase hex digits, so key order is enqueue order. Events are stored a batch
+//! per key, not one per key: a batch of a hundred events costs the store one row to write and
+//! one to delete, which is most of what makes a durable commit cheap per event. Chunks cover
+//! `head..tail` without gaps; the first one may be partly delivered (its events before `head`).
+//!
+//! A transaction's body is not stored: it is the join of its events, which stay in their chunks
+//! until it is delivered, so a resend rebuilds the same bytes. Stores written by earlier builds
+//! have one event per `as/{id}/q/{seq}` key (8 bytes of enqueue time, then the JSON) and may
+//! hold `as/{id}/txn-body`; the scheduler moves such events into chunks at start and sends such
+//! a body as stored.
 
 use serde::{Deserialize, Serialize};
 
@@ -69,12 +77,22 @@ pub struct StoredTxn {
     pub event_bytes: u64,
     /// When its first event was enqueued, in ms since the Unix epoch.
     pub first_enqueued_at_ms: u64,
+    /// The first chunk to keep once it is delivered: the chunk holding event `end`, or `end`
+    /// itself when that starts a chunk. Absent in transactions of earlier builds, whose events
+    /// are moved into chunks that end at `end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_from: Option<u64>,
 }
 
 impl StoredTxn {
     /// How many events it carries.
     pub fn events(&self) -> u64 {
         self.end - self.first
+    }
+
+    /// The first chunk that outlives its delivery.
+    pub fn keep_from(&self) -> u64 {
+        self.keep_from.unwrap_or(self.end)
     }
 }
 
@@ -118,12 +136,31 @@ impl Keys {
         format!("{}txn-body", self.prefix)
     }
 
-    /// The key of queued event `seq`.
+    /// The key of the chunk whose first event is `seq`.
+    pub fn chunk(&self, seq: u64) -> String {
+        format!("{}c/{seq:016x}", self.prefix)
+    }
+
+    /// The key after every chunk (`'0'` follows `'/'`).
+    pub fn chunk_end(&self) -> String {
+        format!("{}c0", self.prefix)
+    }
+
+    /// The first sequence number of a chunk's key, if the key is one.
+    pub fn chunk_seq_of(&self, key: &str) -> Option<u64> {
+        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("c/")?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(hex, 16).ok()
+    }
+
+    /// The key of queued event `seq` in the layout of earlier builds.
     pub fn queued(&self, seq: u64) -> String {
         format!("{}q/{seq:016x}", self.prefix)
     }
 
-    /// The key after every queued event (`'0'` follows `'/'`).
+    /// The key after every queued event of earlier builds (`'0'` follows `'/'`).
     pub fn queue_end(&self) -> String {
         format!("{}q0", self.prefix)
     }
@@ -138,7 +175,57 @@ impl Keys {
     }
 }
 
-/// Prepends the enqueue-time header to an event's JSON.
+/// Length of a chunk's header: enqueue time (u64) and event count (u32), little endian.
+pub const CHUNK_HEADER_BYTES: usize = 12;
+
+/// A chunk's value: the enqueue time of its batch (ms since the Unix epoch) and the number of
+/// events, then each event as its length (u32, little endian) and its JSON.
+pub fn encode_chunk<'a>(
+    enqueued_at_ms: u64,
+    events: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+) -> Vec<u8> {
+    let count = u32::try_from(events.len()).expect("a batch has fewer than 2^32 events");
+    let bytes: usize = events.clone().map(|e| e.len() + 4).sum();
+    let mut value = Vec::with_capacity(CHUNK_HEADER_BYTES + bytes);
+    value.extend_from_slice(&enqueued_at_ms.to_le_bytes());
+    value.extend_from_slice(&count.to_le_bytes());
+    for event in events {
+        let len = u32::try_from(event.len()).expect("an event is smaller than 4 GiB");
+        value.extend_from_slice(&len.to_le_bytes());
+        value.extend_from_slice(event);
+    }
+    value
+}
+
+/// A chunk read back: its enqueue time and its events' JSON, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Chunk<'a> {
+    /// When its batch was enqueued, in ms since the Unix epoch.
+    pub enqueued_at_ms: u64,
+    /// The events' JSON.
+    pub events: Vec<&'a [u8]>,
+}
+
+/// Splits a chunk's value; `None` when it is truncated or malformed.
+pub fn decode_chunk(value: &[u8]) -> Option<Chunk<'_>> {
+    let header = value.get(..CHUNK_HEADER_BYTES)?;
+    let enqueued_at_ms = u64::from_le_bytes(header[..8].try_into().ok()?);
+    let count = u32::from_le_bytes(header[8..].try_into().ok()?) as usize;
+    let mut rest = &value[CHUNK_HEADER_BYTES..];
+    let mut events = Vec::with_capacity(count.min(rest.len() / 4));
+    for _ in 0..count {
+        let len = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let event = rest.get(4..4 + len)?;
+        events.push(event);
+        rest = &rest[4 + len..];
+    }
+    rest.is_empty().then_some(Chunk {
+        enqueued_at_ms,
+        events,
+    })
+}
+
+/// Prepends the enqueue-time header to an event's JSON (the layout of earlier builds).
 pub fn encode_queued(enqueued_at_ms: u64, json: &str) -> Vec<u8> {
     let mut value = Vec::with_capacity(QUEUED_HEADER_BYTES + json.len());
     value.extend_from_slice(&enqueued_at_ms.to_le_bytes());
@@ -179,6 +266,40 @@ mod tests {
         assert!(k.queued(u64::MAX) < k.queue_end());
         assert_eq!(k.seq_of(&k.queued(0xabc)), Some(0xabc));
         assert_eq!(k.seq_of(&k.meta()), None);
+    }
+
+    /// Chunk keys sort by sequence, stay inside the appservice's range and parse back.
+    #[test]
+    fn chunk_keys_sort_by_sequence_and_parse_back() {
+        let k = Keys::new("bridge");
+        assert_eq!(k.chunk(0x1f), "as/bridge/c/000000000000001f");
+        assert!(k.chunk(9) < k.chunk(10));
+        assert!(k.chunk(u64::MAX) < k.chunk_end());
+        assert_eq!(k.chunk_seq_of(&k.chunk(0xabc)), Some(0xabc));
+        assert_eq!(k.chunk_seq_of(&k.queued(0xabc)), None);
+        assert_eq!(k.chunk_seq_of(&k.meta()), None);
+        assert!(!(k.chunk(0) <= k.meta() && k.meta() < k.chunk_end()));
+        assert!(!(k.chunk(0) <= k.txn() && k.txn() < k.chunk_end()));
+    }
+
+    /// A chunk round-trips; a truncated or padded one is refused.
+    #[test]
+    fn chunk_round_trips_and_damage_is_detected() {
+        let events: [&[u8]; 3] = [b"{\"a\":1}", b"{}", b"{\"b\":\"two\"}"];
+        let value = encode_chunk(1_700_000_000_123, events.iter().copied());
+        assert_eq!(value.len(), CHUNK_HEADER_BYTES + 3 * 4 + 7 + 2 + 11);
+        assert_eq!(
+            decode_chunk(&value),
+            Some(Chunk {
+                enqueued_at_ms: 1_700_000_000_123,
+                events: events.to_vec(),
+            })
+        );
+        assert_eq!(decode_chunk(&value[..value.len() - 1]), None);
+        let mut padded = value.clone();
+        padded.push(b' ');
+        assert_eq!(decode_chunk(&padded), None);
+        assert_eq!(decode_chunk(&value[..5]), None);
     }
 
     /// The enqueue-time header round-trips.

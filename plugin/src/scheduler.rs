@@ -280,11 +280,19 @@ impl Scheduler {
         let mut created = Vec::new();
         for id in ids {
             let keys = Keys::new(id);
-            let record = match read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)? {
+            let stored = read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)?;
+            let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
+            let moved = migrate_event_rows(fx, &keys, txn.as_ref()).map_err(StartError::Storage)?;
+            if moved > 0 {
+                let message = format!("moved {moved} queued events into the chunked layout");
+                fx.log(LogLevel::Info, Some(id), &message);
+            }
+            let record = match stored {
                 Some(record) => record,
                 None => {
                     let mut record = Record::new(format!("{:016x}", fx.random_u64()));
-                    rebuild_queue_bounds(fx, &keys, &mut record).map_err(StartError::Storage)?;
+                    rebuild_queue_bounds(fx, &keys, txn.as_ref(), &mut record)
+                        .map_err(StartError::Storage)?;
                     if record.head < record.tail {
                         let message = format!(
                             "record lost; rebuilt it from {} stored events under a new txn-id epoch",
@@ -296,7 +304,6 @@ impl Scheduler {
                     record
                 }
             };
-            let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
             let phase = if record.down { Phase::Down } else { Phase::Up };
             let failed_attempts = record.failed_attempts;
             let appservice = Appservice {
@@ -455,14 +462,12 @@ impl Scheduler {
         let record = touched
             .entry(a.id.clone())
             .or_insert_with(|| a.record.clone());
-        for json in &events {
-            ops.push(WriteOp::Put(
-                a.keys.queued(record.tail),
-                layout::encode_queued(now_wall, json),
-            ));
-            record.tail += 1;
-            record.queued_bytes += json.len() as u64;
-        }
+        ops.push(WriteOp::Put(
+            a.keys.chunk(record.tail),
+            layout::encode_chunk(now_wall, events.iter().map(|e| e.as_bytes())),
+        ));
+        record.tail += events.len() as u64;
+        record.queued_bytes += events.iter().map(|e| e.len() as u64).sum::<u64>();
         Ok(u32::try_from(events.len()).unwrap_or(u32::MAX))
     }
 
@@ -648,20 +653,40 @@ impl Scheduler {
         }
     }
 
-    /// Reads the stored transaction's body; a failure pauses the queue.
+    /// The stored transaction's body: rebuilt from its events, which stay queued until it is
+    /// delivered (or, for a transaction stored by an earlier build, the body it stored). A
+    /// failure pauses the queue.
     fn read_stored_body(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
         let a = &self.appservices[id];
-        match fx.get(&a.keys.txn_body()) {
-            Ok(Some(body)) => Some(body),
-            Ok(None) => {
-                let txn_id = a.txn.as_ref().map_or("?", |t| t.txn_id.as_str());
-                let why = format!("the body of stored txn {txn_id} is missing from the store");
-                fx.log(LogLevel::Error, Some(id), &why);
-                self.pause_for_storage(fx, id, why);
-                None
-            }
+        let txn = a.txn.as_ref().expect("only a stored transaction is resent");
+        let stored = match fx.get(&a.keys.txn_body()) {
+            Ok(stored) => stored,
             Err(error) => {
                 self.pause_for_storage(fx, id, error.to_string());
+                return None;
+            }
+        };
+        if let Some(body) = stored {
+            return Some(body);
+        }
+        let rebuilt = read_queue(fx, &a.keys, txn.first, txn.events(), usize::MAX)
+            .map_err(|why| format!("stored txn {}: {why}", txn.txn_id))
+            .and_then(|read| {
+                if read.events == txn.events() {
+                    Ok(read.body)
+                } else {
+                    Err(format!(
+                        "queued event {} of stored txn {} is missing from the store",
+                        txn.first + read.events,
+                        txn.txn_id
+                    ))
+                }
+            });
+        match rebuilt {
+            Ok(body) => Some(body),
+            Err(why) => {
+                fx.log(LogLevel::Error, Some(id), &why);
+                self.pause_for_storage(fx, id, why);
                 None
             }
         }
@@ -705,17 +730,21 @@ impl Scheduler {
     ) -> Result<NextTxn, String> {
         let a = &self.appservices[id];
         let head = record.head;
-        let entries = fx
-            .scan(&a.keys.queued(head), &a.keys.queue_end(), a.cap_events)
-            .map_err(|error| error.to_string())?;
-        let built = build_body(&a.keys, head, &entries, self.config.max_txn_body_bytes)
-            .inspect_err(|why| fx.log(LogLevel::Error, Some(id), why))?;
+        let built = read_queue(
+            fx,
+            &a.keys,
+            head,
+            u64::from(a.cap_events),
+            self.config.max_txn_body_bytes as usize,
+        )
+        .inspect_err(|why| fx.log(LogLevel::Error, Some(id), why))?;
         let txn = StoredTxn {
             txn_id: format!("{}.{}", record.epoch, record.next_txn),
             first: head,
             end: head + built.events,
             event_bytes: built.event_bytes,
             first_enqueued_at_ms: built.first_enqueued_at_ms,
+            keep_from: Some(built.keep_from),
         };
         // A deliberately broken build for the simulator's tests reuses the id for new content.
         if !cfg!(feature = "fault-reuse-txn-id") {
@@ -768,7 +797,7 @@ impl Scheduler {
         record.failed_attempts = 0;
         record.retry_at_ms = None;
         let mut ops = vec![
-            WriteOp::DeleteRange(a.keys.queued(txn.first), a.keys.queued(txn.end)),
+            WriteOp::DeleteRange(a.keys.chunk(0), a.keys.chunk(txn.keep_from())),
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
         ];
@@ -994,43 +1023,119 @@ impl Scheduler {
     }
 }
 
-/// How many queued events one scan reads while a lost record is rebuilt.
-const REBUILD_PAGE: u32 = 1000;
+/// How many chunks one scan reads while a lost record is rebuilt.
+const REBUILD_PAGE: u32 = 16;
 
-/// Sets a new record's queue bounds and bytes from the events still stored under its keys.
+/// How many chunks one scan reads while a transaction is formed: a transaction of the default
+/// 100 events usually spans one or two.
+const FORM_PAGE: u32 = 4;
+
+/// How many events of the earlier one-event-per-key layout one commit moves into chunks.
+const MIGRATE_PAGE: u32 = 1000;
+
+/// Sets a new record's queue bounds and bytes from the chunks still stored under its keys.
 /// When a record is lost but its events are not, they are still delivered (the stored txn
 /// first, under its old id) and new events queue behind them instead of below the head, where
-/// they would never be sent. For an appservice seen for the first time the queue is empty and
-/// the record stays as it is.
+/// they would never be sent. The head is the stored transaction's first event, or else the
+/// first stored event. For an appservice seen for the first time the queue is empty and the
+/// record stays as it is.
 fn rebuild_queue_bounds(
     fx: &mut impl Effects,
     keys: &Keys,
+    txn: Option<&StoredTxn>,
     record: &mut Record,
 ) -> Result<(), String> {
-    let mut first = None;
-    let mut start = keys.queued(0);
+    let mut chunks: Vec<(u64, u64, Vec<u64>)> = Vec::new();
+    let mut start = keys.chunk(0);
     loop {
         let page = fx
-            .scan(&start, &keys.queue_end(), REBUILD_PAGE)
+            .scan(&start, &keys.chunk_end(), REBUILD_PAGE)
             .map_err(|e| format!("scanning the queue of a lost record: {e}"))?;
         for (key, value) in &page {
-            let Some(seq) = keys.seq_of(key) else {
+            let Some(seq) = keys.chunk_seq_of(key) else {
                 continue;
             };
-            first.get_or_insert(seq);
-            record.tail = seq
-                .checked_add(1)
-                .ok_or_else(|| format!("queued event {seq} has the last sequence number"))?;
-            record.queued_bytes +=
-                layout::decode_queued(value).map_or(0, |(_, json)| json.len()) as u64;
+            let chunk = layout::decode_chunk(value)
+                .ok_or_else(|| format!("queued chunk {seq} is truncated in the store"))?;
+            let lens = chunk.events.iter().map(|e| e.len() as u64).collect();
+            let end = seq
+                .checked_add(chunk.events.len() as u64)
+                .ok_or_else(|| format!("queued chunk {seq} runs past the last sequence number"))?;
+            chunks.push((seq, end, lens));
+            start = keys.chunk(end);
         }
         if page.len() < REBUILD_PAGE as usize {
             break;
         }
-        start = keys.queued(record.tail);
     }
-    record.head = first.unwrap_or(record.tail);
+    let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+        return Ok(());
+    };
+    record.head = txn.map_or(first.0, |t| t.first.clamp(first.0, last.1));
+    record.tail = last.1;
+    record.queued_bytes = chunks
+        .iter()
+        .flat_map(|(seq, _, lens)| {
+            lens.iter()
+                .enumerate()
+                .map(move |(i, len)| (seq + i as u64, *len))
+        })
+        .filter(|(seq, _)| *seq >= record.head)
+        .map(|(_, len)| len)
+        .sum();
     Ok(())
+}
+
+/// Moves events stored one per key by earlier builds into chunks, a page per commit, and
+/// returns how many moved. A chunk never spans the end of the stored transaction, so the
+/// chunks it leaves behind once delivered are exactly those of later events.
+fn migrate_event_rows(
+    fx: &mut impl Effects,
+    keys: &Keys,
+    txn: Option<&StoredTxn>,
+) -> Result<u64, String> {
+    let mut moved = 0;
+    loop {
+        let page = fx
+            .scan(&keys.queued(0), &keys.queue_end(), MIGRATE_PAGE)
+            .map_err(|e| format!("reading events of an earlier layout: {e}"))?;
+        let Some((last_key, _)) = page.last() else {
+            return Ok(moved);
+        };
+        let last = keys
+            .seq_of(last_key)
+            .ok_or_else(|| format!("unexpected key {last_key} among queued events"))?;
+        let mut ops = Vec::new();
+        let mut run: Vec<(u64, u64, &[u8])> = Vec::new();
+        let flush = |run: &mut Vec<(u64, u64, &[u8])>, ops: &mut Vec<WriteOp>| {
+            if let Some(&(first, at, _)) = run.first() {
+                let events = run.iter().map(|(_, _, json)| *json).collect::<Vec<_>>();
+                ops.push(WriteOp::Put(
+                    keys.chunk(first),
+                    layout::encode_chunk(at, events.iter().copied()),
+                ));
+                run.clear();
+            }
+        };
+        for (key, value) in &page {
+            let seq = keys
+                .seq_of(key)
+                .ok_or_else(|| format!("unexpected key {key} among queued events"))?;
+            let (at, json) = layout::decode_queued(value)
+                .ok_or_else(|| format!("queued event {seq} is truncated in the store"))?;
+            let contiguous = run.last().is_some_and(|&(prev, _, _)| prev + 1 == seq);
+            let at_txn_end = txn.is_some_and(|t| t.end == seq);
+            if !contiguous || at_txn_end {
+                flush(&mut run, &mut ops);
+            }
+            run.push((seq, at, json));
+        }
+        flush(&mut run, &mut ops);
+        ops.push(WriteOp::DeleteRange(keys.queued(0), keys.queued(last + 1)));
+        fx.commit(ops)
+            .map_err(|e| format!("moving events of an earlier layout into chunks: {e}"))?;
+        moved += page.len() as u64;
+    }
 }
 
 /// A transaction formed from the head of a queue, not yet stored.
@@ -1040,71 +1145,97 @@ struct NextTxn {
 }
 
 impl NextTxn {
-    /// The writes that store it.
+    /// The write that stores it.
     fn ops(&self, keys: &Keys) -> Vec<WriteOp> {
-        vec![
-            WriteOp::Put(keys.txn(), to_json(&self.txn)),
-            WriteOp::Put(keys.txn_body(), self.body.clone()),
-        ]
+        vec![WriteOp::Put(keys.txn(), to_json(&self.txn))]
     }
 }
 
-/// A transaction body formed from the head of a queue.
-struct BuiltBody {
+/// A transaction body read from the queue.
+struct Gathered {
     body: Vec<u8>,
     events: u64,
     event_bytes: u64,
     first_enqueued_at_ms: u64,
+    /// The first chunk to keep once these events are delivered.
+    keep_from: u64,
 }
 
-/// Joins queued events into `{"events":[...]}` without parsing them again, stopping at the byte
-/// cap (the first event always goes in). Errors when the entries do not start at `head` or
-/// have gaps, which would mean the store lost events.
-fn build_body(
+/// Joins up to `max_events` queued events from `from` on into `{"events":[...]}` without
+/// parsing them again, stopping before the byte cap (the first event always goes in). Errors
+/// when the chunks do not cover `from` or leave a gap, which would mean the store lost events.
+fn read_queue(
+    fx: &mut impl Effects,
     keys: &Keys,
-    head: u64,
-    entries: &[(String, Vec<u8>)],
-    max_body_bytes: u32,
-) -> Result<BuiltBody, String> {
+    from: u64,
+    max_events: u64,
+    max_body_bytes: usize,
+) -> Result<Gathered, String> {
     const OPEN: &[u8] = b"{\"events\":[";
     const CLOSE: &[u8] = b"]}";
-    let max = max_body_bytes as usize;
-    let mut body = Vec::with_capacity(max.min(64 * 1024));
+    let mut body = Vec::with_capacity(max_body_bytes.min(64 * 1024));
     body.extend_from_slice(OPEN);
-    let mut built = BuiltBody {
+    let mut read = Gathered {
         body: Vec::new(),
         events: 0,
         event_bytes: 0,
         first_enqueued_at_ms: 0,
+        keep_from: from,
     };
-    for (key, value) in entries {
-        let expected = head + built.events;
-        if keys.seq_of(key) != Some(expected) {
-            return Err(format!(
-                "queued event {expected} is missing from the store (found key {key})"
-            ));
+    let mut start = keys.chunk(0);
+    'chunks: loop {
+        let page = fx
+            .scan(&start, &keys.chunk_end(), FORM_PAGE)
+            .map_err(|e| e.to_string())?;
+        for (key, value) in &page {
+            let expected = from + read.events;
+            let seq = keys
+                .chunk_seq_of(key)
+                .ok_or_else(|| format!("unexpected key {key} among queued chunks"))?;
+            let chunk = layout::decode_chunk(value)
+                .ok_or_else(|| format!("queued chunk {seq} is truncated in the store"))?;
+            let end = seq + chunk.events.len() as u64;
+            start = keys.chunk(end);
+            if end <= expected {
+                continue;
+            }
+            if seq > expected {
+                break 'chunks;
+            }
+            read.keep_from = seq;
+            let skip = usize::try_from(expected - seq).unwrap_or(usize::MAX);
+            for json in &chunk.events[skip..] {
+                let comma = usize::from(read.events > 0);
+                let full = read.events == max_events
+                    || (read.events > 0
+                        && body.len() + comma + json.len() + CLOSE.len() > max_body_bytes);
+                if full {
+                    break 'chunks;
+                }
+                if read.events == 0 {
+                    read.first_enqueued_at_ms = chunk.enqueued_at_ms;
+                } else {
+                    body.push(b',');
+                }
+                body.extend_from_slice(json);
+                read.events += 1;
+                read.event_bytes += json.len() as u64;
+            }
+            read.keep_from = end;
+            if read.events == max_events {
+                break 'chunks;
+            }
         }
-        let (enqueued_at, json) = layout::decode_queued(value)
-            .ok_or_else(|| format!("queued event {expected} is truncated in the store"))?;
-        let comma = usize::from(built.events > 0);
-        if built.events > 0 && body.len() + comma + json.len() + CLOSE.len() > max {
+        if page.len() < FORM_PAGE as usize {
             break;
         }
-        if built.events == 0 {
-            built.first_enqueued_at_ms = enqueued_at;
-        } else {
-            body.push(b',');
-        }
-        body.extend_from_slice(json);
-        built.events += 1;
-        built.event_bytes += json.len() as u64;
     }
-    if built.events == 0 {
-        return Err(format!("queued event {head} is missing from the store"));
+    if read.events == 0 {
+        return Err(format!("queued event {from} is missing from the store"));
     }
     body.extend_from_slice(CLOSE);
-    built.body = body;
-    Ok(built)
+    read.body = body;
+    Ok(read)
 }
 
 /// Test builds only: traps, loops forever or exhausts memory when an item asks for it, so hosts
@@ -1150,8 +1281,12 @@ fn oldest_enqueued_at(fx: &mut impl Effects, a: &Appservice) -> Option<u64> {
     if a.record.head == a.record.tail {
         return None;
     }
-    let value = fx.get(&a.keys.queued(a.record.head)).ok()??;
-    layout::decode_queued(&value).map(|(at, _)| at)
+    let first = fx
+        .scan(&a.keys.chunk(0), &a.keys.chunk_end(), 1)
+        .ok()?
+        .into_iter()
+        .next()?;
+    layout::decode_chunk(&first.1).map(|chunk| chunk.enqueued_at_ms)
 }
 
 /// A failed outcome in words, for logs and status.

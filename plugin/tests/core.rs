@@ -569,7 +569,7 @@ impl Harness {
         self.world
             .store
             .keys()
-            .filter(|k| k.contains("/q/"))
+            .filter(|k| k.contains("/c/"))
             .cloned()
             .collect()
     }
@@ -1317,7 +1317,7 @@ fn f7_storage_error_forming_a_txn_pauses_without_skipping() {
     // The same in the middle of a backlog: the txn after a delivered one cannot be stored.
     h.enq_ok(AS1, &[ev(4)]);
     h.enq_range(AS1, 5..=6);
-    h.world.fail_commit(2); // 1: recording E4's success, 2: storing [E5, E6].
+    h.world.fail_commit(1); // Recording E4's success and storing [E5, E6]: one commit.
     h.ok(AS1);
     assert_eq!(h.open_opt(AS1).map(|s| s.id), None);
     assert_eq!(
@@ -1441,20 +1441,21 @@ fn f17_unreadable_body_at_restart_waits_and_is_sent_whole() {
     );
 }
 
-/// A stored txn whose body is gone from the store is never replaced by a body formed anew (it
-/// might differ): the queue stays paused and an error is logged.
+/// A stored txn whose events are gone from the store is never replaced by a body formed anew
+/// (it might differ): the queue stays paused and an error is logged.
 #[test]
 fn missing_body_is_never_replaced_by_another() {
     let mut h = Harness::new(config(), &[AS1]);
     h.enq_ok(AS1, &[ev(1)]);
     let x = h.finish_open(AS1, SendOutcome::Timeout);
     h.enq_ok(AS1, &[ev(2)]);
-    h.world.store.remove("as/as1/txn-body");
+    assert_eq!(h.queued_keys().len(), 2, "one chunk per enqueued batch");
+    h.world.store.remove("as/as1/c/0000000000000000");
     h.advance(60_000);
     assert_eq!(h.sends(AS1).len(), 1);
     let errors = h.logs(LogLevel::Error, "is missing from the store");
     assert!(!errors.is_empty());
-    assert!(errors[0].message.contains(&x.txn_id));
+    assert!(errors[0].message.contains(&x.txn_id), "{:?}", errors[0]);
     assert_eq!(errors[0].appservice.as_deref(), Some(AS1));
     assert!(h.status(AS1).paused_by_storage);
 }
@@ -1687,7 +1688,7 @@ fn enqueue_commit_failure_fails_every_batch_and_stores_nothing() {
     assert_eq!(h.open(AS1).body, body_of(&[ev(5)]));
     assert_eq!(
         h.queued_keys(),
-        vec!["as/as1/q/0000000000000000".to_owned()]
+        vec!["as/as1/c/0000000000000000".to_owned()]
     );
     let st = h.status(AS1);
     assert_eq!(
@@ -1949,7 +1950,7 @@ fn status_reports_exact_backlog_and_retry_fields() {
 #[test]
 fn status_counts_queued_events_as_future_txns() {
     let mut h = Harness::new(config(), &[AS1]);
-    h.world.faults.scans = true; // No txn can be formed.
+    h.world.fail_commit(2); // The first txn cannot be stored.
     h.enq_range(AS1, 1..=150);
     h.advance(30);
     h.enq_range(AS1, 151..=201);
@@ -2129,4 +2130,107 @@ fn huge_delays_neither_overflow_nor_collapse() {
     }
     let storage: Vec<u64> = h.delays()[4..].to_vec();
     assert_eq!(storage, vec![1 << 62, 1 << 63, u64::MAX, u64::MAX]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked queue layout
+// ---------------------------------------------------------------------------------------------
+
+/// A batch is stored as one chunk. A transaction that takes only part of it leaves the chunk
+/// in place; the chunk goes once its last event is delivered, and nothing else is stored for
+/// a transaction but its record (the body is rebuilt from the chunk for a resend).
+#[test]
+fn a_chunk_outlives_partial_delivery_and_goes_with_its_last_event() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_range(AS1, 1..=150);
+    assert_eq!(h.queued_keys(), ["as/as1/c/0000000000000000"]);
+    assert!(!h.world.store.contains_key("as/as1/txn-body"));
+    let first = h.finish_open(AS1, SendOutcome::Timeout);
+    assert_eq!(numbers(&first.body), range(1, 100));
+    h.advance(2_000);
+    let resent = h.ok(AS1);
+    assert_eq!((&resent.txn_id, &resent.body), (&first.txn_id, &first.body));
+    assert_eq!(
+        h.queued_keys(),
+        ["as/as1/c/0000000000000000"],
+        "50 events of the chunk are still undelivered"
+    );
+    h.enq_range(AS1, 151..=160);
+    assert_eq!(
+        h.queued_keys(),
+        ["as/as1/c/0000000000000000", "as/as1/c/0000000000000096"]
+    );
+    let second = h.ok(AS1);
+    assert_eq!(
+        numbers(&second.body),
+        range(101, 150),
+        "the rest of the chunk"
+    );
+    assert_eq!(h.queued_keys(), ["as/as1/c/0000000000000096"]);
+    let third = h.ok(AS1);
+    assert_eq!(numbers(&third.body), range(151, 160));
+    assert_eq!(h.queued_keys(), Vec::<String>::new());
+    assert_eq!(h.meta(AS1)["head"], 160);
+    assert_eq!(h.delivered(AS1), range(1, 160));
+}
+
+/// A store written by an earlier build (one event per key, the stored txn's body under its own
+/// key) is moved into chunks at start: the stored txn goes out with its stored body and id,
+/// the other events follow in order, and the old keys are gone.
+#[test]
+fn events_of_the_one_event_per_key_layout_are_moved_into_chunks() {
+    let mut world = World::new(SEED, &config());
+    let put = |world: &mut World, key: &str, value: Vec<u8>| {
+        world.store.insert(key.to_owned(), value);
+    };
+    put(
+        &mut world,
+        "as/as1/meta",
+        serde_json::to_vec(&serde_json::json!({
+            "epoch": "0123456789abcdef", "next_txn": 8, "down": true, "head": 5, "tail": 1010,
+            "queued_bytes": (5..1010).map(|n| ev(n).len() as u64).sum::<u64>(),
+        }))
+        .unwrap(),
+    );
+    for n in 5..1010u32 {
+        let mut value = (WALL0 + u64::from(n)).to_le_bytes().to_vec();
+        value.extend_from_slice(ev(n).as_bytes());
+        put(&mut world, &format!("as/as1/q/{:016x}", n), value);
+    }
+    put(
+        &mut world,
+        "as/as1/txn",
+        serde_json::to_vec(&serde_json::json!({
+            "txn_id": "0123456789abcdef.7", "first": 5, "end": 8,
+            "event_bytes": (5..8).map(|n| ev(n).len() as u64).sum::<u64>(),
+            "first_enqueued_at_ms": WALL0 + 5,
+        }))
+        .unwrap(),
+    );
+    let stored_body = body_of(&[ev(5), ev(6), ev(7)]);
+    put(&mut world, "as/as1/txn-body", stored_body.clone());
+    let mut h = Harness::unstarted(world, config(), &[AS1]);
+    h.start(&[]).expect("start");
+    assert_eq!(h.logs(LogLevel::Info, "moved 1005 queued events").len(), 1);
+    assert!(h.world.store.keys().all(|k| !k.contains("/q/")));
+    assert_eq!(
+        h.queued_keys(),
+        [
+            "as/as1/c/0000000000000005",
+            "as/as1/c/0000000000000008",
+            "as/as1/c/00000000000003ed",
+        ],
+        "the stored txn's events in a chunk of their own, then pages of 1000"
+    );
+    assert_eq!(h.status(AS1).oldest_enqueued_at_ms, Some(WALL0 + 5));
+    h.advance(600_000);
+    let stored = h.ok(AS1);
+    assert_eq!(stored.txn_id, "0123456789abcdef.7");
+    assert_eq!(stored.body, stored_body);
+    assert!(!h.world.store.contains_key("as/as1/txn-body"));
+    let rest = h.drain_ok(AS1);
+    assert_eq!(rest.len(), 11, "1002 events in txns of 100");
+    assert_eq!(h.delivered(AS1), range(5, 1009));
+    assert_eq!(h.id(AS1, 8), "0123456789abcdef.8");
+    assert_eq!(h.queued_keys(), Vec::<String>::new());
 }

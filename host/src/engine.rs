@@ -37,6 +37,10 @@ use crate::store::{MemoryStore, SqliteStore, Store};
 /// How often the plugin is ticked.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How long the engine waits before rebuilding the plugin after the store failed to make a
+/// round durable.
+const STORE_SYNC_RETRY: Duration = Duration::from_secs(1);
+
 /// The most inputs taken in one round, so replies keep flowing under a flood.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
 
@@ -346,6 +350,7 @@ impl Host {
             inputs: inputs.clone(),
             runtime: tokio::runtime::Handle::current(),
             in_flight: BTreeMap::new(),
+            pending_sends: Vec::new(),
             timers: Default::default(),
             next_handle: 0,
             clock_origin: Instant::now(),
@@ -378,6 +383,7 @@ impl Host {
             held_outcomes: Vec::new(),
             last_failure_at: None,
             next_rebuild_at: None,
+            replies: Vec::new(),
             _data_lock: data_lock,
         };
         let instance = engine
@@ -534,6 +540,8 @@ struct EngineThread {
     last_failure_at: Option<Instant>,
     next_rebuild_at: Option<Instant>,
     status: PluginStatus,
+    /// Enqueue answers of this round, sent once its commits are durable.
+    replies: Vec<(PendingEnqueue, Result<u32, EnqueueError>)>,
     /// Held for the engine's life: no other host may use the same store meanwhile.
     _data_lock: std::fs::File,
 }
@@ -579,6 +587,7 @@ impl EngineThread {
     /// The main loop: take what is waiting, process it, rebuild or tick when due.
     fn run(mut self, inputs: &Receiver<Input>) {
         let mut next_tick = Instant::now() + TICK_INTERVAL;
+        self.finish_round();
         loop {
             let wake = self
                 .next_rebuild_at
@@ -599,6 +608,7 @@ impl EngineThread {
                 self.rebuild();
             }
             if !self.process(round) {
+                self.finish_round();
                 tracing::info!("engine stopped");
                 return;
             }
@@ -606,6 +616,44 @@ impl EngineThread {
             if Instant::now() >= next_tick {
                 self.call("tick", |api, store| api.call_tick(store));
                 next_tick = Instant::now() + TICK_INTERVAL;
+            }
+            self.finish_round();
+        }
+    }
+
+    /// Ends a round: one fsync makes its commits durable, then the enqueues are answered and
+    /// the transactions it formed are sent. If the store cannot make them durable, nothing is
+    /// acknowledged or sent, and the plugin is rebuilt from the store after a pause.
+    fn finish_round(&mut self) {
+        let Some(io) = self.io() else {
+            for (reply, result) in self.replies.drain(..) {
+                let _ = reply.send(result);
+            }
+            return;
+        };
+        match io.store.sync() {
+            Ok(()) => {
+                io.start_pending_sends();
+                for (reply, result) in self.replies.drain(..) {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(error) => {
+                let why =
+                    format!("the store could not make this round's writes durable: {error:?}");
+                tracing::error!(error = %why, "nothing of the round was acknowledged or sent; rebuilding the plugin");
+                for (reply, result) in self.replies.drain(..) {
+                    let answer = match result {
+                        Ok(_) => Err(EnqueueError::Storage(why.clone())),
+                        Err(error) => Err(error),
+                    };
+                    let _ = reply.send(answer);
+                }
+                if let Some(instance) = self.instance.take() {
+                    self.parked = Some(instance.into_io());
+                }
+                self.status.last_failure = Some(why);
+                self.next_rebuild_at = Some(Instant::now() + STORE_SYNC_RETRY);
             }
         }
     }
@@ -698,7 +746,8 @@ impl EngineThread {
         match results {
             Some(results) => {
                 for (reply, result) in pending.into_iter().zip(results) {
-                    let _ = reply.send(result.map_err(convert_enqueue_error));
+                    self.replies
+                        .push((reply, result.map_err(convert_enqueue_error)));
                 }
             }
             None => {

@@ -52,6 +52,9 @@ pub struct Io {
     pub runtime: tokio::runtime::Handle,
     /// Sends started and not yet finished: handle → (appservice, txn id).
     pub in_flight: BTreeMap<u64, (String, String)>,
+    /// Sends the plugin started in this round: they go out once the round's commits are
+    /// durable ([`Io::start_pending_sends`]).
+    pub pending_sends: Vec<(SendJob, String, String)>,
     /// Pending timers.
     pub timers: HashMap<u64, tokio::task::AbortHandle>,
     /// Handles given out so far (sends and timers share the counter).
@@ -64,6 +67,24 @@ impl Io {
     fn next_handle(&mut self) -> u64 {
         self.next_handle += 1;
         self.next_handle
+    }
+
+    /// Sends the requests the plugin asked for since the last call. Call only once the
+    /// store's commits are durable: a request must never carry a transaction that a crash
+    /// could lose.
+    pub fn start_pending_sends(&mut self) {
+        for (job, appservice, txn_id) in self.pending_sends.drain(..) {
+            self.in_flight.insert(job.id, (appservice, txn_id));
+            let net = self.net.clone();
+            let inputs = self.inputs.clone();
+            self.runtime.spawn(async move {
+                let outcome = net.send(job.target, job.body).await;
+                let _ = inputs.send(Input::SendFinished {
+                    id: job.id,
+                    outcome,
+                });
+            });
+        }
     }
 
     /// Cancels every pending timer (used when an instance is replaced: the new one sets its own).
@@ -321,8 +342,12 @@ impl Instance {
     }
 
     /// Ends the instance and gives back the imports' state.
+    /// Ends the instance. Sends it asked for that have not gone out are dropped: the next
+    /// instance finds their transactions in the store and sends them itself.
     pub fn into_io(self) -> Io {
-        self.store.into_data().io
+        let mut io = self.store.into_data().io;
+        io.pending_sends.clear();
+        io
     }
 }
 
@@ -492,17 +517,8 @@ impl http_send::Host for HostState {
                 Some(why) => http_send::SendRefused::Other(why),
             })?;
         let id = io.next_handle();
-        io.in_flight.insert(id, (appservice, txn_id));
         let job = SendJob { id, target, body };
-        let net = io.net.clone();
-        let inputs = io.inputs.clone();
-        io.runtime.spawn(async move {
-            let outcome = net.send(job.target, job.body).await;
-            let _ = inputs.send(Input::SendFinished {
-                id: job.id,
-                outcome,
-            });
-        });
+        io.pending_sends.push((job, appservice, txn_id));
         Ok(id)
     }
 }

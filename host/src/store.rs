@@ -1,9 +1,12 @@
-//! The `store` import on SQLite: one table of ordered keys, WAL journal, `synchronous=FULL`.
+//! The `store` import on SQLite: one table of ordered keys, WAL journal.
 //!
-//! Every commit is one SQLite transaction, so it is atomic, and with `synchronous=FULL` it is on
-//! disk when it returns. Group commit happens one level up: the engine hands the plugin every
-//! enqueue that arrived since the last call in one batch, and the plugin writes them in one
-//! commit, so many enqueues share one fsync.
+//! Every commit is one SQLite transaction, so it is atomic. Durability is grouped: commits are
+//! written to the WAL without waiting for the disk (`synchronous=NORMAL`), and
+//! [`SqliteStore::sync`] makes every commit so far durable with one fsync of the WAL. The engine
+//! calls it once per round of inputs, before anything that depends on those commits leaves the
+//! process (an enqueue's acknowledgement, a transaction's request). So the enqueues, delivery
+//! records and new transactions of one round share one fsync; and the plugin hands every
+//! enqueue of the round over in one call, which writes them in one commit.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,6 +38,8 @@ pub enum Write {
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
+    /// Commits since the last [`SqliteStore::sync`].
+    unsynced: bool,
 }
 
 impl SqliteStore {
@@ -50,12 +55,15 @@ impl SqliteStore {
             path.display()
         );
         conn.execute_batch(
-            "PRAGMA synchronous=FULL;
+            "PRAGMA synchronous=NORMAL;
              PRAGMA cache_size=-65536;
              CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
         )
         .with_context(|| format!("cannot prepare the SQLite store {}", path.display()))?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            unsynced: false,
+        })
     }
 
     /// Opens a database that lives only in this process's memory, for simulations: commits are
@@ -65,7 +73,10 @@ impl SqliteStore {
         conn.execute_batch(
             "CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
         )?;
-        Ok(SqliteStore { conn })
+        Ok(SqliteStore {
+            conn,
+            unsynced: false,
+        })
     }
 
     /// Reads one key.
@@ -100,8 +111,10 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(map_error)
     }
 
-    /// Applies `writes` as one durable transaction.
+    /// Applies `writes` as one atomic transaction; it is durable once [`SqliteStore::sync`]
+    /// returns.
     pub fn commit(&mut self, writes: &[Write]) -> Result<(), StoreError> {
+        self.unsynced = true;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -126,6 +139,25 @@ impl SqliteStore {
             }
         }
         tx.commit().map_err(map_error)
+    }
+
+    /// Makes every commit so far durable: one small commit with `synchronous=FULL`, which
+    /// fsyncs the WAL and with it every frame written before. Does nothing when nothing was
+    /// committed since the last call.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch(
+                "PRAGMA synchronous=FULL;
+                 INSERT INTO kv (key, value) VALUES ('host/synced', x'01')
+                   ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+                 PRAGMA synchronous=NORMAL;",
+            )
+            .map_err(map_error)?;
+        self.unsynced = false;
+        Ok(())
     }
 
     /// The number of keys with `prefix`, for tests and diagnostics.
@@ -225,7 +257,15 @@ impl Store {
         }
     }
 
-    /// Applies `writes` atomically (and, on SQLite, durably).
+    /// Makes every commit so far durable (nothing to do in memory).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.sync(),
+            Store::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Applies `writes` atomically; on SQLite they are durable after the next [`Store::sync`].
     pub fn commit(&mut self, writes: Vec<Write>) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(store) => store.commit(&writes),

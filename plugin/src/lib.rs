@@ -44,6 +44,7 @@
 //! `item` variant leaves room for them), and an operator control to skip a transaction that an
 //! appservice refuses forever.
 
+pub mod cache;
 pub mod effects;
 pub mod layout;
 pub mod scheduler;

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::value::RawValue;
 
+use crate::cache::ChunkCache;
 use crate::effects::{Effects, LogLevel, SendOutcome, WriteOp};
 use crate::layout::{self, Keys, Record, StoredTxn};
 
@@ -249,7 +250,14 @@ pub struct Scheduler {
     sends: BTreeMap<u64, String>,
     timers: BTreeMap<u64, String>,
     jitter: Jitter,
+    /// The chunks enqueued last, so transactions of fresh events are formed without reading
+    /// the store.
+    cache: ChunkCache,
 }
+
+/// The most bytes of recently enqueued chunks kept in memory, over all appservices: enough for
+/// a hundred busy appservices' next transactions, small enough to keep the plugin's memory flat.
+pub const CHUNK_CACHE_BYTES: usize = 4 << 20;
 
 impl Scheduler {
     /// Loads every appservice's state from the store, adopts sends still in flight, and resumes
@@ -268,6 +276,7 @@ impl Scheduler {
             sends: BTreeMap::new(),
             timers: BTreeMap::new(),
             jitter,
+            cache: ChunkCache::new(CHUNK_CACHE_BYTES),
         };
         scheduler.load(fx, appservices)?;
         scheduler.adopt(fx, in_flight);
@@ -396,8 +405,9 @@ impl Scheduler {
         let mut results = Vec::with_capacity(batches.len());
         let mut ops = Vec::new();
         let mut touched: BTreeMap<String, Record> = BTreeMap::new();
+        let mut chunks = Vec::new();
         for batch in batches {
-            let result = self.stage_batch(batch, now_wall, &mut ops, &mut touched);
+            let result = self.stage_batch(batch, now_wall, &mut ops, &mut touched, &mut chunks);
             results.push(result);
         }
         if touched.is_empty() {
@@ -428,6 +438,9 @@ impl Scheduler {
             }
             return results;
         }
+        for (id, seq, value) in chunks {
+            self.cache.insert(&id, seq, value);
+        }
         for (id, record) in touched {
             self.appservices
                 .get_mut(&id)
@@ -446,6 +459,7 @@ impl Scheduler {
         now_wall: u64,
         ops: &mut Vec<WriteOp>,
         touched: &mut BTreeMap<String, Record>,
+        chunks: &mut Vec<(String, u64, Vec<u8>)>,
     ) -> Result<u32, EnqueueError> {
         let Some(a) = self.appservices.get(&batch.appservice) else {
             return Err(EnqueueError::UnknownAppservice(batch.appservice.clone()));
@@ -462,10 +476,9 @@ impl Scheduler {
         let record = touched
             .entry(a.id.clone())
             .or_insert_with(|| a.record.clone());
-        ops.push(WriteOp::Put(
-            a.keys.chunk(record.tail),
-            layout::encode_chunk(now_wall, events.iter().map(|e| e.as_bytes())),
-        ));
+        let chunk = layout::encode_chunk(now_wall, events.iter().map(|e| e.as_bytes()));
+        chunks.push((a.id.clone(), record.tail, chunk.clone()));
+        ops.push(WriteOp::Put(a.keys.chunk(record.tail), chunk));
         record.tail += events.len() as u64;
         record.queued_bytes += events.iter().map(|e| e.len() as u64).sum::<u64>();
         Ok(u32::try_from(events.len()).unwrap_or(u32::MAX))
@@ -669,7 +682,7 @@ impl Scheduler {
         if let Some(body) = stored {
             return Some(body);
         }
-        let rebuilt = read_queue(fx, &a.keys, txn.first, txn.events(), usize::MAX)
+        let rebuilt = read_queue(fx, &self.cache, a, txn.first, txn.events(), usize::MAX)
             .map_err(|why| format!("stored txn {}: {why}", txn.txn_id))
             .and_then(|read| {
                 if read.events == txn.events() {
@@ -732,7 +745,8 @@ impl Scheduler {
         let head = record.head;
         let built = read_queue(
             fx,
-            &a.keys,
+            &self.cache,
+            a,
             head,
             u64::from(a.cap_events),
             self.config.max_txn_body_bytes as usize,
@@ -819,6 +833,7 @@ impl Scheduler {
             self.pause_for_storage(fx, id, why);
             return;
         }
+        self.cache.remove_below(id, txn.keep_from());
         let a = self
             .appservices
             .get_mut(id)
@@ -1161,81 +1176,135 @@ struct Gathered {
     keep_from: u64,
 }
 
-/// Joins up to `max_events` queued events from `from` on into `{"events":[...]}` without
-/// parsing them again, stopping before the byte cap (the first event always goes in). Errors
+/// Joins queued events into a transaction body as chunks are fed to it.
+struct BodyBuilder {
+    from: u64,
+    max_events: u64,
+    max_body_bytes: usize,
+    read: Gathered,
+}
+
+impl BodyBuilder {
+    const OPEN: &[u8] = b"{\"events\":[";
+    const CLOSE: &[u8] = b"]}";
+
+    fn new(from: u64, max_events: u64, max_body_bytes: usize) -> BodyBuilder {
+        let mut body = Vec::with_capacity(max_body_bytes.min(64 * 1024));
+        body.extend_from_slice(Self::OPEN);
+        BodyBuilder {
+            from,
+            max_events,
+            max_body_bytes,
+            read: Gathered {
+                body,
+                events: 0,
+                event_bytes: 0,
+                first_enqueued_at_ms: 0,
+                keep_from: from,
+            },
+        }
+    }
+
+    /// Takes the events it wants from the chunk that starts at `seq`; returns where the next
+    /// chunk must start, or `None` when the transaction is complete or `seq` leaves a gap.
+    fn feed(&mut self, seq: u64, value: &[u8]) -> Result<Option<u64>, String> {
+        let read = &mut self.read;
+        let expected = self.from + read.events;
+        let chunk = layout::decode_chunk(value)
+            .ok_or_else(|| format!("queued chunk {seq} is truncated in the store"))?;
+        let end = seq + chunk.events.len() as u64;
+        if end <= expected {
+            return Ok(Some(end));
+        }
+        if seq > expected {
+            return Ok(None);
+        }
+        read.keep_from = seq;
+        let skip = usize::try_from(expected - seq).unwrap_or(usize::MAX);
+        for json in &chunk.events[skip..] {
+            let comma = usize::from(read.events > 0);
+            let full = read.events == self.max_events
+                || (read.events > 0
+                    && read.body.len() + comma + json.len() + Self::CLOSE.len()
+                        > self.max_body_bytes);
+            if full {
+                return Ok(None);
+            }
+            if read.events == 0 {
+                read.first_enqueued_at_ms = chunk.enqueued_at_ms;
+            } else {
+                read.body.push(b',');
+            }
+            read.body.extend_from_slice(json);
+            read.events += 1;
+            read.event_bytes += json.len() as u64;
+        }
+        read.keep_from = end;
+        Ok((read.events < self.max_events).then_some(end))
+    }
+
+    fn finish(mut self) -> Result<Gathered, String> {
+        if self.read.events == 0 {
+            return Err(format!(
+                "queued event {} is missing from the store",
+                self.from
+            ));
+        }
+        self.read.body.extend_from_slice(Self::CLOSE);
+        Ok(self.read)
+    }
+}
+
+/// Joins up to `max_events` queued events of `a` from `from` on into `{"events":[...]}`
+/// without parsing them again, stopping before the byte cap (the first event always goes in).
+/// Chunks come from the cache of recent ones when they are there, else from the store. Errors
 /// when the chunks do not cover `from` or leave a gap, which would mean the store lost events.
 fn read_queue(
     fx: &mut impl Effects,
-    keys: &Keys,
+    cache: &ChunkCache,
+    a: &Appservice,
     from: u64,
     max_events: u64,
     max_body_bytes: usize,
 ) -> Result<Gathered, String> {
-    const OPEN: &[u8] = b"{\"events\":[";
-    const CLOSE: &[u8] = b"]}";
-    let mut body = Vec::with_capacity(max_body_bytes.min(64 * 1024));
-    body.extend_from_slice(OPEN);
-    let mut read = Gathered {
-        body: Vec::new(),
-        events: 0,
-        event_bytes: 0,
-        first_enqueued_at_ms: 0,
-        keep_from: from,
-    };
-    let mut start = keys.chunk(0);
+    let mut builder = BodyBuilder::new(from, max_events, max_body_bytes);
+    let mut next: Option<u64> = None;
     'chunks: loop {
+        let cached = match next {
+            None => cache.covering(&a.id, from),
+            Some(seq) => cache.get(&a.id, seq).map(|value| (seq, value)),
+        };
+        if let Some((seq, value)) = cached {
+            match builder.feed(seq, value)? {
+                Some(end) => {
+                    next = Some(end);
+                    continue;
+                }
+                None => break,
+            }
+        }
+        let start = next.map_or_else(|| a.keys.chunk(0), |seq| a.keys.chunk(seq));
         let page = fx
-            .scan(&start, &keys.chunk_end(), FORM_PAGE)
+            .scan(&start, &a.keys.chunk_end(), FORM_PAGE)
             .map_err(|e| e.to_string())?;
         for (key, value) in &page {
-            let expected = from + read.events;
-            let seq = keys
+            let seq = a
+                .keys
                 .chunk_seq_of(key)
                 .ok_or_else(|| format!("unexpected key {key} among queued chunks"))?;
-            let chunk = layout::decode_chunk(value)
-                .ok_or_else(|| format!("queued chunk {seq} is truncated in the store"))?;
-            let end = seq + chunk.events.len() as u64;
-            start = keys.chunk(end);
-            if end <= expected {
-                continue;
-            }
-            if seq > expected {
+            if next.is_some_and(|expected| seq != expected) {
                 break 'chunks;
             }
-            read.keep_from = seq;
-            let skip = usize::try_from(expected - seq).unwrap_or(usize::MAX);
-            for json in &chunk.events[skip..] {
-                let comma = usize::from(read.events > 0);
-                let full = read.events == max_events
-                    || (read.events > 0
-                        && body.len() + comma + json.len() + CLOSE.len() > max_body_bytes);
-                if full {
-                    break 'chunks;
-                }
-                if read.events == 0 {
-                    read.first_enqueued_at_ms = chunk.enqueued_at_ms;
-                } else {
-                    body.push(b',');
-                }
-                body.extend_from_slice(json);
-                read.events += 1;
-                read.event_bytes += json.len() as u64;
-            }
-            read.keep_from = end;
-            if read.events == max_events {
-                break 'chunks;
+            match builder.feed(seq, value)? {
+                Some(end) => next = Some(end),
+                None => break 'chunks,
             }
         }
         if page.len() < FORM_PAGE as usize {
             break;
         }
     }
-    if read.events == 0 {
-        return Err(format!("queued event {from} is missing from the store"));
-    }
-    body.extend_from_slice(CLOSE);
-    read.body = body;
-    Ok(read)
+    builder.finish()
 }
 
 /// Test builds only: traps, loops forever or exhausts memory when an item asks for it, so hosts

@@ -1450,6 +1450,8 @@ fn missing_body_is_never_replaced_by_another() {
     let x = h.finish_open(AS1, SendOutcome::Timeout);
     h.enq_ok(AS1, &[ev(2)]);
     assert_eq!(h.queued_keys().len(), 2, "one chunk per enqueued batch");
+    // A new instance, so no copy of the chunk is left in memory.
+    h.restart();
     h.world.store.remove("as/as1/c/0000000000000000");
     h.advance(60_000);
     assert_eq!(h.sends(AS1).len(), 1);

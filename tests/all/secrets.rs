@@ -368,10 +368,12 @@ async fn tokens_and_urls_stay_out_of_logs_status_and_store() {
         );
     }
     for id in failing {
-        let body = stored.get(format!("as/{id}/txn-body").as_str());
+        let txn = stored.get(format!("as/{id}/txn").as_str());
+        let first = stored.get(format!("as/{id}/c/0000000000000000").as_str());
         assert!(
-            body.is_some_and(|b| b.contains("\"$e1\"")),
-            "the store holds the stuck transaction [E1] of {id}: {stored:#?}"
+            txn.is_some_and(|t| t.contains("\"first\":0,\"end\":1"))
+                && first.is_some_and(|c| c.contains("\"$e1\"")),
+            "the store holds the stuck transaction [E1] of {id} and its event: {stored:#?}"
         );
     }
     let whats: Vec<String> = secrets.iter().map(|(what, _)| what.clone()).collect();

@@ -264,7 +264,7 @@ fn f8_failed_bookkeeping_after_success_is_retried_without_down() {
     let mut sim = Sim::scripted(shipped(), 1, config());
     sim.script(0, |_| ok(10));
     assert!(sim.enqueue_one(0).1);
-    sim.store_rule(StoreOp::Commit, "/q/", 1);
+    sim.store_rule(StoreOp::Commit, "/c/", 1);
     sim.run_for(20);
     let status = sim.status(0).expect("as0 is registered");
     assert_eq!(status.state, api::AppserviceState::Up);

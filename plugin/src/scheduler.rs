@@ -476,11 +476,16 @@ impl Scheduler {
         let record = touched
             .entry(a.id.clone())
             .or_insert_with(|| a.record.clone());
-        let chunk = layout::encode_chunk(now_wall, events.iter().map(|e| e.as_bytes()));
-        chunks.push((a.id.clone(), record.tail, chunk.clone()));
-        ops.push(WriteOp::Put(a.keys.chunk(record.tail), chunk));
-        record.tail += events.len() as u64;
-        record.queued_bytes += events.iter().map(|e| e.len() as u64).sum::<u64>();
+        // A chunk holds at most one transaction's worth of events, so that forming a
+        // transaction never reads (or copies) much more than it sends.
+        let per_chunk = self.config.max_events_per_txn.max(1) as usize;
+        for part in events.chunks(per_chunk) {
+            let chunk = layout::encode_chunk(now_wall, part.iter().map(|e| e.as_bytes()));
+            chunks.push((a.id.clone(), record.tail, chunk.clone()));
+            ops.push(WriteOp::Put(a.keys.chunk(record.tail), chunk));
+            record.tail += part.len() as u64;
+            record.queued_bytes += part.iter().map(|e| e.len() as u64).sum::<u64>();
+        }
         Ok(u32::try_from(events.len()).unwrap_or(u32::MAX))
     }
 

@@ -259,6 +259,9 @@ pub struct Scheduler {
 /// a hundred busy appservices' next transactions, small enough to keep the plugin's memory flat.
 pub const CHUNK_CACHE_BYTES: usize = 4 << 20;
 
+/// How many transactions ahead of an appservice's head its new chunks are kept in memory.
+const CACHED_TXNS_AHEAD: u64 = 4;
+
 impl Scheduler {
     /// Loads every appservice's state from the store, adopts sends still in flight, and resumes
     /// delivery wherever events wait.
@@ -438,14 +441,23 @@ impl Scheduler {
             }
             return results;
         }
-        for (id, seq, value) in chunks {
-            self.cache.insert(&id, seq, value);
-        }
+        let staged: Vec<String> = touched.keys().cloned().collect();
         for (id, record) in touched {
             self.appservices
                 .get_mut(&id)
                 .expect("staged ids are registered")
                 .record = record;
+        }
+        // Only chunks that the next few transactions will carry are worth keeping: a backlog
+        // (an appservice that is down or far behind) is read from the store when its turn comes.
+        let near = u64::from(self.config.max_events_per_txn) * CACHED_TXNS_AHEAD;
+        for (id, seq, value) in chunks {
+            let a = &self.appservices[&id];
+            if a.phase == Phase::Up && seq.saturating_sub(a.record.head) < near {
+                self.cache.insert(&id, seq, value);
+            }
+        }
+        for id in staged {
             self.dispatch(fx, &id, false);
         }
         results

@@ -2,7 +2,7 @@
 //!
 //! The table has a rowid (and an index on the key): its leaf cells hold a chunk of a hundred
 //! events mostly in place, where a `WITHOUT ROWID` table, whose rows live in an index tree with
-//! small cells, spreads each over a chain of overflow pages and costs about a third more CPU per
+//! small cells, spreads each over a chain of overflow pages and costs about half as much CPU again per
 //! event. Stores created by earlier builds keep their `WITHOUT ROWID` table; both work alike.
 //!
 //! Every commit is one SQLite transaction, so it is atomic. Durability is grouped: commits are

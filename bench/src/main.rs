@@ -306,7 +306,7 @@ impl Samples {
 
 fn fmt_value(value: f64, unit: &str) -> String {
     match unit {
-        "ev/s" | "rows/s" | "req/s" => format!("{:.0}k", value / 1e3),
+        "ev/s" | "rows/s" | "req/s" => format!("{:.1}k", value / 1e3),
         "µs" => format!("{value:.2}"),
         "ms" => format!("{value:.3}"),
         "MiB" => format!("{:.2}", value / (1024.0 * 1024.0)),
@@ -481,6 +481,12 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
             };
             s.add(rate, t.events_per_s);
             s.add(cpu, t.cpu_us_per_event);
+            eprintln!(
+                "    {} events in {} transactions; the receiver has used {:.1} s of CPU so far",
+                args.events,
+                t.txns,
+                receiver.cpu_s()
+            );
         }
         let bench = Bench::start(work, &receiver, 1, 1, StoreKind::Memory);
         let t = workloads::throughput(&bench.host, &receiver, main_events.clone(), 1, 100).await;
@@ -787,4 +793,40 @@ fn print_report(
         "| (none) | | | {} |",
         fmt_spread(s.get("backlog empty mem"), "MiB")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workload's events have the size and shape of those Synapse sends: about 410 bytes
+    /// of client-format JSON with a 44-character event id.
+    #[test]
+    fn events_look_like_synapse_client_events() {
+        let e = event(7, "ev");
+        let value: serde_json::Value = serde_json::from_str(&e).expect("valid JSON");
+        assert_eq!(
+            value["event_id"],
+            "$ev00000007xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"
+        );
+        assert_eq!(event_id(7, "ev").len(), 44);
+        assert_eq!(value["type"], "m.room.message");
+        assert_eq!(e.len(), 411);
+        assert_eq!(event(12_345_678, "ev").len(), 411);
+    }
+
+    /// Median, min and max of an odd and an even number of runs.
+    #[test]
+    fn spread_takes_median_min_and_max() {
+        let odd = spread(&[3.0, 1.0, 2.0]).expect("values");
+        assert_eq!((odd.median, odd.min, odd.max), (2.0, 1.0, 3.0));
+        let even = spread(&[4.0, 1.0, 2.0, 3.0]).expect("values");
+        assert_eq!((even.median, even.min, even.max), (2.5, 1.0, 4.0));
+        assert!(spread(&[]).is_none());
+        assert_eq!(
+            fmt_spread(spread(&[1500.0, 2500.0, 2000.0]), "ev/s"),
+            "2.0k [1.5k–2.5k] ev/s"
+        );
+        assert_eq!(fmt_spread(None, "µs"), "not measured");
+    }
 }

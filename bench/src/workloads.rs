@@ -162,6 +162,11 @@ pub async fn throughput(
     let last = log.iter().map(|a| a.ns).max().unwrap_or(started);
     let stats = receiver.stats();
     assert_eq!(stats.events, total, "each event arrives once");
+    assert_eq!(stats.no_auth, 0, "every request carries the hs_token");
+    let prefixes: std::collections::BTreeSet<&str> =
+        log.iter().map(|a| a.prefix.as_str()).collect();
+    assert_eq!(prefixes.len(), 1, "requests go to the registered URL");
+    assert_eq!(log.iter().map(|a| a.events).sum::<u64>(), total);
     Throughput {
         events_per_s: total as f64 / ((last - started) as f64 / 1e9),
         cpu_us_per_event: cpu as f64 / 1e3 / total as f64,

@@ -1,9 +1,15 @@
 //! The engine: one thread that owns the plugin instance and feeds it every input in order.
 //!
 //! Requests (enqueue, force retry, status, swap), send outcomes and timers arrive on one
-//! channel. The thread takes everything waiting, hands all enqueues to the plugin in one call
-//! (so they share one durable commit), then the other inputs, and ticks the plugin about once a
-//! second.
+//! channel. The thread takes everything waiting (a round), hands all its enqueues to the plugin
+//! in one call (so they share one commit), then the other inputs, and ticks the plugin about
+//! once a second. At the end of the round one fsync makes the round's commits durable, and only
+//! then are its enqueues answered and the transactions it formed sent (group commit; see
+//! [`crate::store`]).
+//!
+//! The hot path crosses into the plugin per batch and per transaction, never per event: one
+//! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
+//! transaction body, one `send-finished` reports its outcome.
 //!
 //! The instance is disposable; the store and the host's [`Io`] (sends in flight, timers) are
 //! not:

@@ -120,21 +120,11 @@ pub struct Throughput {
 }
 
 /// Enqueues `events` in calls of `batch` events, call `c` for appservice `c % appservices`,
-/// from [`PRODUCERS`] tasks at once, and waits until the receiver has every event. Time runs
-/// from the first enqueue to the arrival of the last event; CPU is this process's (driver and
-/// host), not the receiver's.
-pub async fn throughput(
-    host: &Host,
-    receiver: &Receiver,
-    events: Arc<Vec<String>>,
-    appservices: usize,
-    batch: usize,
-) -> Throughput {
-    receiver.reset(false);
+/// from [`PRODUCERS`] tasks at once, each call waiting for its answer; returns when all are
+/// answered.
+async fn enqueue_all(host: &Host, events: Arc<Vec<String>>, batch: usize, appservices: usize) {
     let calls = events.len().div_ceil(batch);
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu_started = process_cpu_ns();
-    let started = now_ns();
     let mut producers = Vec::new();
     for _ in 0..PRODUCERS {
         let (host, events, next) = (host.clone(), events.clone(), next.clone());
@@ -154,7 +144,24 @@ pub async fn throughput(
     for producer in producers {
         producer.await.expect("the producer finishes");
     }
+}
+
+/// [`enqueue_all`] with the throughput workload's spread over `appservices`, then waits
+/// until the receiver has every event. Time runs
+/// from the first enqueue to the arrival of the last event; CPU is this process's (driver and
+/// host), not the receiver's.
+pub async fn throughput(
+    host: &Host,
+    receiver: &Receiver,
+    events: Arc<Vec<String>>,
+    appservices: usize,
+    batch: usize,
+) -> Throughput {
+    receiver.reset(false);
+    let cpu_started = process_cpu_ns();
+    let started = now_ns();
     let total = events.len() as u64;
+    enqueue_all(host, events, batch, appservices).await;
     let arrived = tokio::task::block_in_place(|| receiver.wait_for(total, RUN_TIMEOUT));
     let cpu = process_cpu_ns() - cpu_started;
     assert!(arrived, "every event arrives within {RUN_TIMEOUT:?}");
@@ -242,27 +249,8 @@ pub async fn backlog(host: &Host, receiver: &Receiver, events: Arc<Vec<String>>)
         .plugin_status()
         .await
         .map_or(0, |status| status.memory_bytes);
-    let calls = events.len().div_ceil(1000);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut producers = Vec::new();
-    for _ in 0..PRODUCERS {
-        let (host, events, next) = (host.clone(), events.clone(), next.clone());
-        producers.push(tokio::spawn(async move {
-            loop {
-                let call = next.fetch_add(1, Ordering::Relaxed);
-                if call >= calls {
-                    return;
-                }
-                let chunk = &events[call * 1000..((call + 1) * 1000).min(events.len())];
-                host.enqueue(&appservice(0), chunk.to_vec())
-                    .await
-                    .expect("the enqueue is accepted");
-            }
-        }));
-    }
-    for producer in producers {
-        producer.await.expect("the producer finishes");
-    }
+    let total = events.len() as u64;
+    enqueue_all(host, events, 1000, 1).await;
     let memory_with_backlog = host
         .plugin_status()
         .await
@@ -277,7 +265,6 @@ pub async fn backlog(host: &Host, receiver: &Receiver, events: Arc<Vec<String>>)
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     receiver.reset(false);
-    let total = events.len() as u64;
     let cpu_started = process_cpu_ns();
     let started = now_ns();
     host.force_retry(&appservice(0))

@@ -295,10 +295,9 @@ fn map_error(error: rusqlite::Error) -> StoreError {
 mod tests {
     use super::*;
 
-    /// The memory store orders, limits and deletes ranges exactly as the SQLite one does.
-    #[test]
-    fn memory_store_matches_sqlite_semantics() {
-        let mut store = Store::Memory(MemoryStore::default());
+    /// Commits apply in order; scans return keys in byte order within the range and limit; an
+    /// empty or reversed range is empty; deletes remove keys and ranges.
+    fn check_semantics(store: &mut Store) {
         store
             .commit(vec![
                 Write::Put("q/2".into(), b"two".to_vec()),
@@ -327,47 +326,28 @@ mod tests {
         );
         assert_eq!(store.get("r").unwrap(), None);
         assert_eq!(store.get("q/3").unwrap(), Some(b"THREE".to_vec()));
+        store.sync().unwrap();
     }
 
-    fn temp_store(name: &str) -> (SqliteStore, std::path::PathBuf) {
-        let path =
-            std::env::temp_dir().join(format!("asched-store-{name}-{}.sqlite", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        (SqliteStore::open(&path).unwrap(), path)
-    }
-
-    /// Commits apply in order; scans return keys in byte order within the range and limit.
+    /// The memory store behaves as the SQLite one does.
     #[test]
-    fn commit_and_scan_in_key_order() {
-        let (mut store, path) = temp_store("order");
-        store
-            .commit(&[
-                Write::Put("q/2".into(), b"two".to_vec()),
-                Write::Put("q/1".into(), b"one".to_vec()),
-                Write::Put("q/3".into(), b"three".to_vec()),
-                Write::Put("r".into(), b"other".to_vec()),
-                Write::Put("q/3".into(), b"THREE".to_vec()),
-            ])
-            .unwrap();
-        let all = store.scan("q/", "q0", 10).unwrap();
-        let keys: Vec<&str> = all.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(keys, ["q/1", "q/2", "q/3"]);
-        assert_eq!(all[2].1, b"THREE");
-        assert_eq!(store.scan("q/", "q0", 2).unwrap().len(), 2);
-        store
-            .commit(&[
-                Write::DeleteRange("q/1".into(), "q/3".into()),
-                Write::Delete("r".into()),
-            ])
-            .unwrap();
-        assert_eq!(
-            store.scan("", "\u{10FFFF}", 10).unwrap(),
-            vec![("q/3".to_owned(), b"THREE".to_vec())]
-        );
-        assert_eq!(store.get("r").unwrap(), None);
-        drop(store);
+    fn memory_store_has_the_store_semantics() {
+        check_semantics(&mut Store::Memory(MemoryStore::default()));
+    }
+
+    /// The SQLite store has them too, and what was synced is there after a reopen.
+    #[test]
+    fn sqlite_store_has_the_store_semantics_and_keeps_synced_commits() {
+        let path =
+            std::env::temp_dir().join(format!("asched-store-order-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        check_semantics(&mut Store::Sqlite(SqliteStore::open(&path).unwrap()));
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.get("q/3").unwrap(), Some(b"THREE".to_vec()));
-        std::fs::remove_file(&path).unwrap();
+        assert_eq!(reopened.get("host/synced").unwrap(), Some(vec![1]));
+        drop(reopened);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 }

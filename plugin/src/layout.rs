@@ -148,7 +148,12 @@ impl Keys {
 
     /// The first sequence number of a chunk's key, if the key is one.
     pub fn chunk_seq_of(&self, key: &str) -> Option<u64> {
-        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("c/")?;
+        self.seq_after(key, "c/")
+    }
+
+    /// The sequence number in a key `{prefix}{kind}{16 hex digits}`.
+    fn seq_after(&self, key: &str, kind: &str) -> Option<u64> {
+        let hex = key.strip_prefix(&self.prefix)?.strip_prefix(kind)?;
         if hex.len() != 16 {
             return None;
         }
@@ -167,11 +172,7 @@ impl Keys {
 
     /// The sequence number in a queued event's key, if the key is one.
     pub fn seq_of(&self, key: &str) -> Option<u64> {
-        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("q/")?;
-        if hex.len() != 16 {
-            return None;
-        }
-        u64::from_str_radix(hex, 16).ok()
+        self.seq_after(key, "q/")
     }
 }
 

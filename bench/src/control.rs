@@ -17,8 +17,6 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub struct Arrival {
     pub ns: u64,
-    pub prefix: String,
-    pub events: u64,
     pub ids: Vec<String>,
 }
 
@@ -44,14 +42,15 @@ impl Receiver {
                 &ports.to_string(),
             ])
             .stdout(Stdio::piped())
-            .spawn()?;
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start the receiver process: {e}"))?;
         let mut line = String::new();
         let stdout = child.stdout.take().expect("piped stdout");
         BufReader::new(stdout).read_line(&mut line)?;
         if line.trim() != "ready" {
             let _ = child.kill();
             anyhow::bail!(
-                "the receiver did not start on 127.0.0.1:{port}..{} (ports in use?)",
+                "the receiver did not start on 127.0.0.1:{port}..{} (ports in use? choose others with --port)",
                 port + ports - 1
             );
         }
@@ -107,14 +106,14 @@ impl Receiver {
         }
     }
 
-    /// Waits until `events` events have arrived, polling every `every`; false on timeout.
+    /// Waits until `events` events have arrived (polling every 10 ms); false on timeout.
     pub fn wait_for(&self, events: u64, timeout: Duration) -> bool {
         let started = Instant::now();
         while started.elapsed() < timeout {
             if self.stats().events >= events {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
         }
         false
     }
@@ -126,8 +125,9 @@ impl Receiver {
             .filter_map(|line| {
                 let mut fields = line.split('\t');
                 let ns = fields.next()?.parse().ok()?;
-                let prefix = fields.next()?.to_owned();
-                let events = fields.next()?.parse().ok()?;
+                // The path before `/_matrix` and the event count; the ids say more.
+                fields.next()?;
+                fields.next()?;
                 let ids = fields
                     .next()
                     .unwrap_or_default()
@@ -135,12 +135,7 @@ impl Receiver {
                     .filter(|id| !id.is_empty())
                     .map(str::to_owned)
                     .collect();
-                Some(Arrival {
-                    ns,
-                    prefix,
-                    events,
-                    ids,
-                })
+                Some(Arrival { ns, ids })
             })
             .collect()
     }

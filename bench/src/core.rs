@@ -9,8 +9,8 @@ use asched_host::runtime::{
     Plugin, PluginImports, api, clock, http_send, log, plugin_linker, random, store, timer, types,
 };
 use asched_plugin::{Effects, LogLevel, SendOutcome, StoreError, WriteOp};
+use wasmtime::Store;
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::thread_cpu_ns;
@@ -267,7 +267,9 @@ pub fn native(events: &[String], batch: usize) -> f64 {
 
 /// The same as [`native`], with the bundled component under wasmtime.
 pub fn component(events: &[String], batch: usize) -> f64 {
-    let engine = Engine::default();
+    // The host's engine configuration (epoch interruption on, so the code carries the same
+    // deadline checks as in the host).
+    let engine = asched_host::runtime::new_engine().expect("the engine starts");
     let component = Component::new(&engine, asched_host::engine::EMBEDDED_PLUGIN)
         .expect("the bundled plugin compiles");
     let linker = plugin_linker::<State>(&engine).expect("the linker is complete");
@@ -277,6 +279,7 @@ pub fn component(events: &[String], batch: usize) -> f64 {
         world: World::default(),
     };
     let mut store = Store::new(&engine, state);
+    store.set_epoch_deadline(1 << 40);
     let plugin = Plugin::instantiate(&mut store, &component, &linker).expect("it instantiates");
     let guest = plugin.asched_scheduler_scheduler();
     let config = api::Config {

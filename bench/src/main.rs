@@ -48,21 +48,26 @@ enum Command {
     Suite(SuiteArgs),
     /// The pause a hot swap causes under load.
     Swap,
-    /// One end-to-end throughput run, for profiling: `file` or `memory` store.
+    /// One end-to-end throughput run, for profiling (`perf record`).
     Once {
-        #[arg(long, default_value = "file")]
-        store: String,
-        #[arg(long, default_value_t = 100_000)]
-        events: usize,
-        #[arg(long, default_value_t = 1)]
-        appservices: usize,
-        #[arg(long, default_value_t = 23100)]
+        /// The store: `file` (durable SQLite) or `memory`.
+        #[arg(long, value_enum, default_value_t = OnceStore::File)]
+        store: OnceStore,
+        /// Events to deliver, enqueued in batches of 100.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+        events: u64,
+        /// Appservices, each on its own receiver port.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        appservices: u16,
+        /// The receiver's first port.
+        #[arg(long, default_value_t = 23100, value_parser = clap::value_parser!(u16).range(1024..=64_535))]
         port: u16,
     },
     /// The scheduler core alone, natively and as the component (CPU ns per event).
     Core {
-        #[arg(long, default_value_t = 100_000)]
-        events: usize,
+        /// Events to deliver, in batches of 100.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
+        events: u64,
     },
     /// The receiver process the suite starts (not for direct use).
     #[command(hide = true)]
@@ -74,19 +79,40 @@ enum Command {
     },
 }
 
+/// A whole number from `MIN` to `MAX`.
+fn count_between<const MIN: usize, const MAX: usize>(text: &str) -> Result<usize, String> {
+    let n: usize = text
+        .replace('_', "")
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if (MIN..=MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not between {MIN} and {MAX}"))
+    }
+}
+
+/// The store of a `once` run.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnceStore {
+    File,
+    Memory,
+}
+
 #[derive(clap::Args, Clone)]
 struct SuiteArgs {
     /// Runs of each figure; the table shows their median, min and max.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = count_between::<1, 100>)]
     runs: usize,
-    /// Events per throughput run.
-    #[arg(long, default_value_t = 100_000)]
+    /// Events per throughput run (Synapse gets as many).
+    #[arg(long, default_value_t = 100_000, value_parser = count_between::<1_000, 10_000_000>)]
     events: usize,
-    /// The largest backlog measured (the memory and drain figures also use 10,000 and 100,000).
-    #[arg(long, default_value_t = 1_000_000)]
+    /// The largest backlog measured (the memory and drain figures also use 10,000 and 100,000
+    /// when they are smaller).
+    #[arg(long, default_value_t = 1_000_000, value_parser = count_between::<10_000, 10_000_000>)]
     max_backlog: usize,
     /// The receiver's first port; it listens on 1,000 ports from here.
-    #[arg(long, default_value_t = 23100)]
+    #[arg(long, default_value_t = 23100, value_parser = clap::value_parser!(u16).range(1024..=64_535))]
     port: u16,
     /// A Python that can `import synapse`.
     #[arg(long, default_value = "/tmp/synvenv/bin/python")]
@@ -128,7 +154,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Suite(args)) => suite(args),
         Some(Command::Core { events: count }) => {
-            let events = events(count, "ev");
+            let events = events(count as usize, "ev");
             let (native, component) = core::best_of(&events, 3);
             println!(
                 "native {native:.0} ns/event, component {component:.0} ns/event, ratio {:.2}",
@@ -142,29 +168,38 @@ fn main() -> ExitCode {
             appservices,
             port,
         }) => {
-            let store = if store == "memory" {
-                StoreKind::Memory
-            } else {
-                StoreKind::File
+            let store = match store {
+                OnceStore::File => StoreKind::File,
+                OnceStore::Memory => StoreKind::Memory,
             };
             let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
-            runtime().block_on(async {
-                let receiver =
-                    Receiver::start(port, appservices as u16).expect("the receiver starts");
-                let bench = Bench::start(&work, &receiver, appservices, appservices, store);
+            let result = runtime().block_on(async {
+                let receiver = Receiver::start(port, appservices)?;
+                let n = usize::from(appservices);
+                let bench = Bench::start(&work, &receiver, n, n, store);
                 let t = workloads::throughput(
                     &bench.host,
                     &receiver,
-                    events(count, "ev"),
-                    appservices,
+                    events(count as usize, "ev"),
+                    n,
                     100,
                 )
                 .await;
                 bench.stop();
-                println!("{t:?}");
+                println!(
+                    "{count} events to {appservices} appservice(s), {store:?} store: {:.0} events/s, {:.2} us CPU per event, {} transactions",
+                    t.events_per_s, t.cpu_us_per_event, t.txns
+                );
+                anyhow::Ok(())
             });
             let _ = std::fs::remove_dir_all(&work);
-            ExitCode::SUCCESS
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("asched-bench: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         None => suite(cli.suite),
     }
@@ -436,8 +471,9 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         if let Ok(setup) = &synapse {
             for workload in ["a", "b", "c"] {
                 let setup = setup.clone();
-                let result =
-                    tokio::task::block_in_place(|| refs::synapse_run(&setup, &receiver, workload));
+                let result = tokio::task::block_in_place(|| {
+                    refs::synapse_run(&setup, &receiver, workload, args.events)
+                });
                 match result {
                     Ok(r) if workload == "c" => {
                         s.add("synapse c p50", r.lat_p50_ms);
@@ -462,6 +498,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
 
         // End to end.
         for &appservices in &GROWTH_APPSERVICES {
+            let receiver_cpu = receiver.cpu_s();
             let bench = Bench::start(work, &receiver, appservices, appservices, StoreKind::File);
             let t = workloads::throughput(
                 &bench.host,
@@ -481,10 +518,10 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
             s.add(rate, t.events_per_s);
             s.add(cpu, t.cpu_us_per_event);
             eprintln!(
-                "    {} events in {} transactions; the receiver has used {:.1} s of CPU so far",
+                "    {} events in {} transactions; the receiver used {:.2} s of CPU",
                 args.events,
                 t.txns,
-                receiver.cpu_s()
+                receiver.cpu_s() - receiver_cpu
             );
         }
         let bench = Bench::start(work, &receiver, 1, 1, StoreKind::Memory);
@@ -525,11 +562,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
             let events = Arc::new(backlog_events[..size].to_vec());
             let b = workloads::backlog(&bench.host, &receiver, events).await;
             bench.stop();
-            let (mem, rate, cpu): (&'static str, &'static str, &'static str) = match size {
-                10_000 => ("backlog 10k mem", "backlog 10k rate", "backlog 10k cpu"),
-                100_000 => ("backlog 100k mem", "backlog 100k rate", "backlog 100k cpu"),
-                _ => ("backlog max mem", "backlog max rate", "backlog max cpu"),
-            };
+            let (mem, rate, cpu) = backlog_keys(size);
             s.add(mem, b.memory_with_backlog as f64);
             s.add(rate, b.drain.events_per_s);
             s.add(cpu, b.drain.cpu_us_per_event);
@@ -571,13 +604,19 @@ fn print_report(
     println!();
     println!("- date: {date}");
     println!("- machine: {}", machine());
+    let given: Vec<String> = std::env::args().skip(1).collect();
+    if given.is_empty() {
+        println!("- command: `cargo run --release -p asched-bench`");
+    } else {
+        println!(
+            "- command: `cargo run --release -p asched-bench -- {}`",
+            given.join(" ")
+        );
+    }
     println!(
-        "- command: `cargo run --release -p asched-bench -- suite --runs {} --events {} --max-backlog {}`",
-        args.runs, args.events, args.max_backlog
-    );
-    println!(
-        "- every figure: median [min–max] of {} runs; took {:.0} s",
+        "- every figure: median [min–max] of {} run{}; took {:.0} s",
         args.runs,
+        if args.runs == 1 { "" } else { "s" },
         took.as_secs_f64()
     );
     match synapse_missing {
@@ -593,14 +632,18 @@ fn print_report(
     println!("| reference | measured |");
     println!("|---|---|");
     let refs = [
-        ("Synapse, 1 appservice, 100,000 events", "synapse a", "ev/s"),
+        (
+            "Synapse, 1 appservice, as many events as asched gets",
+            "synapse a",
+            "ev/s",
+        ),
         (
             "Synapse, CPU per event (1 appservice)",
             "synapse a cpu",
             "µs",
         ),
         (
-            "Synapse, 100 appservices, 100,000 events",
+            "Synapse, 100 appservices, as many events, round-robin",
             "synapse b",
             "ev/s",
         ),
@@ -638,15 +681,19 @@ fn print_report(
     println!();
     println!("| figure | target | measured | against the reference | verdict |");
     println!("|---|---|---|---|---|");
-    let ratio = |ours: &str, reference: &str, invert: bool| -> (Option<f64>, String) {
-        match (s.median(ours), s.median(reference)) {
-            (Some(o), Some(r)) if o > 0.0 && r > 0.0 => {
-                let x = if invert { r / o } else { o / r };
-                (Some(x), format!("{x:.2}×"))
+    // `phrase` follows the ratio ("Synapse", "less than Synapse"); without the reference the
+    // text says which is missing.
+    let ratio =
+        |ours: &str, reference: &str, invert: bool, phrase: &str| -> (Option<f64>, String) {
+            match (s.median(ours), s.median(reference)) {
+                (Some(o), Some(r)) if o > 0.0 && r > 0.0 => {
+                    let x = if invert { r / o } else { o / r };
+                    (Some(x), format!("{x:.2}× {phrase}"))
+                }
+                _ if reference.starts_with("synapse") => (None, "Synapse not measured".to_owned()),
+                _ => (None, "reference not measured".to_owned()),
             }
-            _ => (None, "reference not measured".to_owned()),
-        }
-    };
+        };
     let verdict = |ok: Option<bool>| match ok {
         Some(true) => "met",
         Some(false) => "NOT met",
@@ -660,39 +707,39 @@ fn print_report(
         _ => None,
     };
 
-    let (r, text) = ratio("e2e 1", "synapse a", false);
+    let (r, text) = ratio("e2e 1", "synapse a", false, "Synapse");
     println!(
-        "| end to end, 1 appservice, durable SQLite | ≥ 200k ev/s, ≥ 3× Synapse | {} | {text} Synapse | {} |",
+        "| end to end, 1 appservice, durable SQLite | ≥ 200k ev/s, ≥ 3× Synapse | {} | {text} | {} |",
         fmt_spread(s.get("e2e 1"), "ev/s"),
         verdict(both(at_least("e2e 1", 200e3), r.map(|x| x >= 3.0)))
     );
-    let (_, text) = ratio("e2e 100", "synapse b", false);
+    let (_, text) = ratio("e2e 100", "synapse b", false, "Synapse");
     println!(
-        "| end to end, 100 appservices, durable SQLite | ≥ 200k ev/s | {} | {text} Synapse | {} |",
+        "| end to end, 100 appservices, durable SQLite | ≥ 200k ev/s | {} | {text} | {} |",
         fmt_spread(s.get("e2e 100"), "ev/s"),
         verdict(at_least("e2e 100", 200e3))
     );
-    let (r, text) = ratio("mem 1", "synapse a", false);
+    let (r, text) = ratio("mem 1", "synapse a", false, "Synapse");
     println!(
-        "| end to end, 1 appservice, in-memory store | ≥ 500k ev/s, ≥ 8× Synapse | {} | {text} Synapse | {} |",
+        "| end to end, 1 appservice, in-memory store | ≥ 500k ev/s, ≥ 8× Synapse | {} | {text} | {} |",
         fmt_spread(s.get("mem 1"), "ev/s"),
         verdict(both(at_least("mem 1", 500e3), r.map(|x| x >= 8.0)))
     );
-    let (r, text) = ratio("mem 1 cpu", "synapse a cpu", true);
+    let (r, text) = ratio("mem 1 cpu", "synapse a cpu", true, "less than Synapse");
     println!(
-        "| CPU per delivered event, in-memory store (driver + host) | ≤ 1.5 µs, 10× less than Synapse | {} | {text} less than Synapse | {} |",
+        "| CPU per delivered event, in-memory store (driver + host) | ≤ 1.5 µs, 10× less than Synapse | {} | {text} | {} |",
         fmt_spread(s.get("mem 1 cpu"), "µs"),
         verdict(both(at_most("mem 1 cpu", 1.5), r.map(|x| x >= 10.0)))
     );
-    let (_, text) = ratio("lat p50", "synapse c p50", false);
+    let (_, text) = ratio("lat p50", "synapse c p50", false, "Synapse's");
     println!(
-        "| enqueue → arrival p50 at 200 ev/s, durable | ≤ 0.4 ms | {} | {text} Synapse's | {} |",
+        "| enqueue → arrival p50 at 200 ev/s, durable | ≤ 0.4 ms | {} | {text} | {} |",
         fmt_spread(s.get("lat p50"), "ms"),
         verdict(at_most("lat p50", 0.4))
     );
-    let (_, text) = ratio("lat p99", "synapse c p99", false);
+    let (_, text) = ratio("lat p99", "synapse c p99", false, "Synapse's");
     println!(
-        "| enqueue → arrival p99 at 200 ev/s, durable | ≤ 1 ms | {} | {text} Synapse's | {} |",
+        "| enqueue → arrival p99 at 200 ev/s, durable | ≤ 1 ms | {} | {text} | {} |",
         fmt_spread(s.get("lat p99"), "ms"),
         verdict(at_most("lat p99", 1.0))
     );
@@ -703,17 +750,30 @@ fn print_report(
         fmt_spread(s.get("core wasm"), "µs"),
         verdict(at_most("core ratio", 1.3))
     );
-    let max_mem = s.median("backlog max mem");
-    let flat = match (s.median("backlog 10k mem"), max_mem) {
-        (Some(small), Some(large)) => Some(large <= small * 1.10),
+    let (small, large) = (backlogs[0], backlogs[backlogs.len() - 1]);
+    let (small_mem, large_mem) = (backlog_keys(small).0, backlog_keys(large).0);
+    // Flat: the most any run needed with the largest backlog is within 10 % of the most any
+    // run needed with the smallest (a run's figure is its instance's high-water mark).
+    let peak = |key: &str| s.get(key).map(|v| v.max);
+    let flat = match (peak(small_mem), peak(large_mem)) {
+        (Some(a), Some(b)) if large > small => Some(b <= a * 1.10),
         _ => None,
     };
     println!(
-        "| plugin memory, {}-event backlog of a DOWN appservice | ≤ 16 MiB, flat | {} | {} with 10k | {} |",
-        backlogs.last().copied().unwrap_or(0),
-        fmt_spread(s.get("backlog max mem"), "MiB"),
-        fmt_spread(s.get("backlog 10k mem"), "MiB"),
-        verdict(both(max_mem.map(|m| m <= 16.0 * 1024.0 * 1024.0), flat))
+        "| plugin memory, {}-event backlog of a DOWN appservice | ≤ 16 MiB, flat | {} | {} with {}; {} | {} |",
+        thousands(large),
+        fmt_spread(s.get(large_mem), "MiB"),
+        fmt_spread(s.get(small_mem), "MiB"),
+        thousands(small),
+        match flat {
+            Some(true) => "flat",
+            Some(false) => "grows",
+            None => "flatness needs two backlog sizes",
+        },
+        verdict(both(
+            peak(large_mem).map(|m| m <= 16.0 * 1024.0 * 1024.0),
+            flat
+        ))
     );
     let within = |a: &str, b: &str| match (s.median(a), s.median(b)) {
         (Some(x), Some(y)) if y > 0.0 => Some(x / y),
@@ -735,10 +795,17 @@ fn print_report(
         p50_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
         verdict(p50_ratio.map(|x| x <= 1.10))
     );
-    let drain = within("backlog 100k rate", "e2e 1");
+    let drain_size = backlogs
+        .iter()
+        .copied()
+        .find(|&b| b >= 100_000)
+        .unwrap_or(large);
+    let drain_rate = backlog_keys(drain_size).1;
+    let drain = within(drain_rate, "e2e 1");
     println!(
-        "| drain of a 100,000-event backlog after recovery | ≥ 80 % of 1-appservice rate | {} | {} of the 1-appservice rate | {} |",
-        fmt_spread(s.get("backlog 100k rate"), "ev/s"),
+        "| drain of a {}-event backlog after recovery | ≥ 80 % of 1-appservice rate | {} | {} of the 1-appservice rate | {} |",
+        thousands(drain_size),
+        fmt_spread(s.get(drain_rate), "ev/s"),
         drain.map_or("-".into(), |x| format!("{:.0} %", x * 100.0)),
         verdict(drain.map(|x| x >= 0.8))
     );
@@ -748,15 +815,19 @@ fn print_report(
         fmt_spread(s.get("sidecar e2e"), "ev/s"),
         verdict(at_least("sidecar accepted", 150e3))
     );
-    let (_, text) = ratio("e2e 1", "http limit", false);
+    let (_, http) = ratio("e2e 1", "http limit", false, "of");
+    let (_, sqlite) = ratio("e2e 1", "sqlite 100", false, "of");
     println!();
     println!(
-        "End to end with 1 appservice runs at {text} of the loopback HTTP limit for 100-event transactions on one connection."
+        "End to end with 1 appservice runs at {http} the loopback HTTP limit for 100-event transactions on one connection, and stores events at {sqlite} the rate SQLite commits 100-row batches durably."
     );
     println!();
     println!("## How cost grows");
     println!();
-    println!("| appservices (100,000 events, durable) | events/s | CPU µs per event |");
+    println!(
+        "| appservices ({} events in batches of 100, round-robin; durable) | events/s | CPU µs per event |",
+        thousands(args.events)
+    );
     println!("|---|---|---|");
     for (n, rate, cpu) in [
         (1, "e2e 1", "e2e 1 cpu"),
@@ -776,22 +847,40 @@ fn print_report(
     );
     println!("|---|---|---|---|");
     for &size in backlogs {
-        let (mem, rate, cpu) = match size {
-            10_000 => ("backlog 10k mem", "backlog 10k rate", "backlog 10k cpu"),
-            100_000 => ("backlog 100k mem", "backlog 100k rate", "backlog 100k cpu"),
-            _ => ("backlog max mem", "backlog max rate", "backlog max cpu"),
-        };
+        let (mem, rate, cpu) = backlog_keys(size);
         println!(
-            "| {size} | {} | {} | {} |",
+            "| {} | {} | {} | {} |",
+            thousands(size),
             fmt_spread(s.get(rate), "ev/s"),
             fmt_spread(s.get(cpu), "µs"),
             fmt_spread(s.get(mem), "MiB")
         );
     }
     println!(
-        "| (none) | | | {} |",
+        "| none (each run's instance before its backlog) | | | {} |",
         fmt_spread(s.get("backlog empty mem"), "MiB")
     );
+}
+
+/// The sample names of the backlog figures of `size` events.
+fn backlog_keys(size: usize) -> (&'static str, &'static str, &'static str) {
+    let leak = |what: &str| -> &'static str {
+        Box::leak(format!("backlog {size} {what}").into_boxed_str())
+    };
+    (leak("mem"), leak("rate"), leak("cpu"))
+}
+
+/// `1234567` as `1,234,567`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]

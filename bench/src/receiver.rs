@@ -188,6 +188,11 @@ async fn handle(
 
 /// Runs the receiver until the process is killed.
 pub fn run(port: u16, ports: u16) -> anyhow::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and has no other effect: the
+    // receiver is killed when the suite that started it ends, however it ends.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
     let state = Arc::new(Counters::default());
     state.log_ids.store(true, Relaxed);
     let runtime = tokio::runtime::Builder::new_current_thread()

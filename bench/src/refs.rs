@@ -31,6 +31,12 @@ pub struct SynapseSetup {
 
 /// Finds the driver script and a Python that imports `synapse`, or says why not.
 pub fn find_synapse(python: &Path, script: &Path) -> Result<SynapseSetup, String> {
+    if python.components().count() > 1 && !python.exists() {
+        return Err(format!(
+            "{} does not exist (give a Python that can `import synapse` with --synapse-python, or add --install-synapse to create it)",
+            python.display()
+        ));
+    }
     if !script.is_file() {
         return Err(format!(
             "the Synapse driver {} does not exist (give it with --synapse-driver)",
@@ -49,8 +55,9 @@ pub fn find_synapse(python: &Path, script: &Path) -> Result<SynapseSetup, String
             script: script.to_owned(),
         }),
         _ => Err(format!(
-            "{} cannot import synapse (install it with: python3 -m venv /tmp/synvenv && /tmp/synvenv/bin/pip install matrix-synapse==1.163.2, or run with --install-synapse)",
-            python.display()
+            "{python} cannot import synapse (install it with: {pip} install matrix-synapse==1.163.2, or add --install-synapse)",
+            python = python.display(),
+            pip = python.with_file_name("pip").display()
         )),
     }
 }
@@ -80,18 +87,20 @@ pub fn install_synapse(venv: &Path) -> Result<(), String> {
     )
 }
 
-/// Runs Synapse's scheduler once on `workload` (`a`: 1 appservice, 100,000 events; `b`: 100
+/// Runs Synapse's scheduler once on `workload` (`a`: 1 appservice, `events` events; `b`: 100
 /// appservices; `c`: 200 events/s for 10 s) against `receiver`.
 pub fn synapse_run(
     setup: &SynapseSetup,
     receiver: &Receiver,
     workload: &str,
+    events: usize,
 ) -> Result<SynapseRun, String> {
     let mut command = Command::new(&setup.python);
     command
         .arg(&setup.script)
         .args(["--workload", workload])
         .args(["--port", &receiver.port.to_string()])
+        .args(["--n-events", &events.to_string()])
         .args([
             "--tmpdir",
             &std::env::temp_dir()

@@ -45,6 +45,8 @@ pub struct SqliteStore {
     conn: Connection,
     /// Commits since the last [`SqliteStore::sync`].
     unsynced: bool,
+    /// Syncs so far (with a random start), written by each sync so that it changes a row.
+    syncs: u64,
 }
 
 impl SqliteStore {
@@ -68,6 +70,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             unsynced: false,
+            syncs: crate::runtime::random_u64() >> 1,
         })
     }
 
@@ -81,6 +84,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             unsynced: false,
+            syncs: crate::runtime::random_u64() >> 1,
         })
     }
 
@@ -153,14 +157,22 @@ impl SqliteStore {
         if !self.unsynced {
             return Ok(());
         }
+        // The value must differ from the stored one: SQLite writes nothing (and so syncs
+        // nothing) for a row overwritten with the same bytes.
+        self.syncs += 1;
         self.conn
-            .execute_batch(
-                "PRAGMA synchronous=FULL;
-                 INSERT INTO kv (key, value) VALUES ('host/synced', x'01')
-                   ON CONFLICT(key) DO UPDATE SET value = excluded.value;
-                 PRAGMA synchronous=NORMAL;",
-            )
+            .execute_batch("PRAGMA synchronous=FULL;")
             .map_err(map_error)?;
+        let written = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO kv (key, value) VALUES ('host/synced', ?1)
+                   ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut put| put.execute(params![self.syncs.to_le_bytes().to_vec()]));
+        let restored = self.conn.execute_batch("PRAGMA synchronous=NORMAL;");
+        written.map_err(map_error)?;
+        restored.map_err(map_error)?;
         self.unsynced = false;
         Ok(())
     }
@@ -329,6 +341,33 @@ mod tests {
         store.sync().unwrap();
     }
 
+    /// Each sync that follows a commit writes a new value to its row: SQLite skips a write of
+    /// the same bytes, and a commit that writes nothing does not sync the log.
+    #[test]
+    fn every_sync_changes_its_row() {
+        let path =
+            std::env::temp_dir().join(format!("asched-store-sync-{}.sqlite", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut store = SqliteStore::open(&path).unwrap();
+        let mut seen = Vec::new();
+        for n in 0..3u8 {
+            store.commit(&[Write::Put("k".into(), vec![n])]).unwrap();
+            store.sync().unwrap();
+            seen.push(store.get("host/synced").unwrap().expect("the sync row"));
+            store.sync().unwrap();
+            assert_eq!(
+                store.get("host/synced").unwrap().as_ref(),
+                seen.last(),
+                "a sync without a commit before it writes nothing"
+            );
+        }
+        assert!(seen[0] != seen[1] && seen[1] != seen[2], "{seen:?}");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
     /// The memory store behaves as the SQLite one does.
     #[test]
     fn memory_store_has_the_store_semantics() {
@@ -344,7 +383,7 @@ mod tests {
         check_semantics(&mut Store::Sqlite(SqliteStore::open(&path).unwrap()));
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.get("q/3").unwrap(), Some(b"THREE".to_vec()));
-        assert_eq!(reopened.get("host/synced").unwrap(), Some(vec![1]));
+        assert!(reopened.get("host/synced").unwrap().is_some());
         drop(reopened);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

@@ -2240,3 +2240,126 @@ fn events_of_the_one_event_per_key_layout_are_moved_into_chunks() {
     assert_eq!(h.id(AS1, 8), "0123456789abcdef.8");
     assert_eq!(h.queued_keys(), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The next transaction stored ahead
+// ---------------------------------------------------------------------------------------------
+
+/// The `txn_id` of the stored record under `key`, if any.
+fn stored_txn_id(h: &Harness, key: &str) -> Option<String> {
+    let bytes = h.world.store.get(key)?;
+    let value: serde_json::Value = serde_json::from_slice(bytes).expect("a txn record is JSON");
+    value["txn_id"].as_str().map(str::to_owned)
+}
+
+/// While a transaction is in flight and a full one waits behind it, that one is stored ahead
+/// and goes out the moment the first is answered; fewer waiting events wait for the answer
+/// instead (see `events_arriving_in_flight_are_batched_behind_it`).
+#[test]
+fn a_full_transaction_waiting_is_stored_ahead_and_sent_at_once() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_ok(AS1, &[ev(1)]);
+    h.enq_range(AS1, 2..=50);
+    assert_eq!(
+        stored_txn_id(&h, "as/as1/next-txn"),
+        None,
+        "half a transaction waits"
+    );
+    h.enq_range(AS1, 51..=101);
+    assert_eq!(stored_txn_id(&h, "as/as1/next-txn"), Some(h.id(AS1, 2)));
+    assert_eq!(
+        h.status(AS1).backlog_txns,
+        2,
+        "the one in flight and the one ahead"
+    );
+    let first = h.ok(AS1);
+    assert_eq!(numbers(&first.body), [1]);
+    let second = h.open(AS1);
+    assert_eq!(second.txn_id, h.id(AS1, 2));
+    assert_eq!(numbers(&second.body), range(2, 101));
+    assert_eq!(stored_txn_id(&h, "as/as1/txn"), Some(h.id(AS1, 2)));
+    assert_eq!(stored_txn_id(&h, "as/as1/next-txn"), None);
+    h.ok(AS1);
+    assert_eq!(h.open_opt(AS1).map(|s| s.id), None);
+    assert_eq!(h.delivered(AS1), range(1, 101));
+    assert_eq!(h.queued_keys(), Vec::<String>::new());
+    assert_eq!(stored_txn_id(&h, "as/as1/txn"), None);
+}
+
+/// If recording a delivery fails after the next transaction went out, the store stays behind:
+/// a crash then resends the delivered transaction under its id and the next under its own,
+/// in order; without a crash the next write brings the store up to date.
+#[test]
+fn a_failed_record_after_the_next_went_out_leaves_the_store_behind_safely() {
+    for crash in [true, false] {
+        let mut h = Harness::new(config(), &[AS1]);
+        h.enq_ok(AS1, &[ev(1)]);
+        h.enq_range(AS1, 2..=101);
+        h.world.fail_commit(1);
+        let first = h.ok(AS1);
+        let second = h.open(AS1);
+        assert_eq!(numbers(&second.body), range(2, 101));
+        assert_eq!(stored_txn_id(&h, "as/as1/txn"), Some(first.txn_id.clone()));
+        assert_eq!(
+            stored_txn_id(&h, "as/as1/next-txn"),
+            Some(second.txn_id.clone())
+        );
+        if crash {
+            h.restart();
+            let again = h.ok(AS1);
+            assert_eq!((&again.txn_id, &again.body), (&first.txn_id, &first.body));
+        }
+        let last = h.ok(AS1);
+        assert_eq!((&last.txn_id, &last.body), (&second.txn_id, &second.body));
+        assert_eq!(h.open_opt(AS1).map(|s| s.id), None);
+        assert_eq!(h.delivered(AS1), range(1, 101));
+        assert_eq!(h.queued_keys(), Vec::<String>::new(), "crash: {crash}");
+        assert_eq!(stored_txn_id(&h, "as/as1/txn"), None);
+        assert_eq!(stored_txn_id(&h, "as/as1/next-txn"), None);
+        assert_eq!(h.meta(AS1)["head"], 101);
+        assert_eq!(h.meta(AS1)["queued_bytes"], 0);
+    }
+}
+
+/// A swap while the store is behind hands the next transaction's send over: the new instance
+/// knows the first was delivered, waits for the send, and sends nothing twice.
+#[test]
+fn a_swap_while_the_store_is_behind_adopts_the_next_send() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_ok(AS1, &[ev(1)]);
+    h.enq_range(AS1, 2..=101);
+    h.world.fail_commit(1);
+    h.ok(AS1);
+    let second = h.open(AS1);
+    h.swap();
+    assert_eq!(h.status(AS1).current_txn_id, Some(second.txn_id.clone()));
+    assert!(h.status(AS1).in_flight);
+    assert_eq!(h.sends(AS1).len(), 2, "nothing sent again");
+    h.ok(AS1);
+    assert_eq!(h.delivered(AS1), range(1, 101));
+    assert_eq!(h.queued_keys(), Vec::<String>::new());
+    assert_eq!(h.meta(AS1)["head"], 101);
+}
+
+/// A 413 for the transaction in flight retires the one stored ahead (never sent): the smaller
+/// transactions take every event once, in order.
+#[test]
+fn a_413_retires_the_transaction_stored_ahead() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_range(AS1, 1..=100);
+    h.enq_range(AS1, 101..=200);
+    let ahead = stored_txn_id(&h, "as/as1/next-txn").expect("stored ahead");
+    let too_large = SendOutcome::Response {
+        status: 413,
+        body_is_json: true,
+    };
+    h.finish_open(AS1, too_large);
+    assert_eq!(stored_txn_id(&h, "as/as1/next-txn"), None);
+    let txns = h.drain_ok(AS1);
+    assert_eq!(txns[0], range(1, 50));
+    assert_eq!(h.delivered(AS1), range(1, 200));
+    assert!(
+        h.sends(AS1).iter().all(|s| s.txn_id != ahead),
+        "its id is never used"
+    );
+}

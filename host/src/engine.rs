@@ -669,16 +669,6 @@ impl EngineThread {
         let mut batches = Vec::new();
         let mut pending: Vec<PendingEnqueue> = Vec::new();
         let mut others = Vec::new();
-        // Outcomes first: a transaction stored ahead in an earlier round can then go out
-        // before this round writes anything (and so without waiting for its fsync).
-        let (outcomes, round): (Vec<Input>, Vec<Input>) = round
-            .into_iter()
-            .partition(|input| matches!(input, Input::SendFinished { .. }));
-        for input in outcomes {
-            if let Input::SendFinished { id, outcome } = input {
-                self.send_finished(id, outcome);
-            }
-        }
         for input in round {
             match input {
                 Input::Enqueue {
@@ -698,7 +688,7 @@ impl EngineThread {
         }
         for input in others {
             match input {
-                Input::SendFinished { .. } => unreachable!("outcomes were handled first"),
+                Input::SendFinished { id, outcome } => self.send_finished(id, outcome),
                 Input::TimerFired { id } => {
                     if let Some(io) = self.io() {
                         io.timers.remove(&id);

@@ -52,8 +52,8 @@ pub struct Io {
     pub runtime: tokio::runtime::Handle,
     /// Sends started and not yet finished: handle → (appservice, txn id).
     pub in_flight: BTreeMap<u64, (String, String)>,
-    /// Sends the plugin started after a commit of this round: they go out once the round's
-    /// commits are durable ([`Io::start_pending_sends`]).
+    /// Sends the plugin started in this round: they go out once the round's commits are
+    /// durable ([`Io::start_pending_sends`]).
     pub pending_sends: Vec<(SendJob, String, String)>,
     /// Pending timers.
     pub timers: HashMap<u64, tokio::task::AbortHandle>,
@@ -73,23 +73,18 @@ impl Io {
     /// store's commits are durable: a request must never carry a transaction that a crash
     /// could lose.
     pub fn start_pending_sends(&mut self) {
-        for (job, appservice, txn_id) in std::mem::take(&mut self.pending_sends) {
-            self.spawn_send(job, appservice, txn_id);
-        }
-    }
-
-    /// Starts one request on the HTTP runtime; its outcome comes back as an input.
-    fn spawn_send(&mut self, job: SendJob, appservice: String, txn_id: String) {
-        self.in_flight.insert(job.id, (appservice, txn_id));
-        let net = self.net.clone();
-        let inputs = self.inputs.clone();
-        self.runtime.spawn(async move {
-            let outcome = net.send(job.target, job.body).await;
-            let _ = inputs.send(Input::SendFinished {
-                id: job.id,
-                outcome,
+        for (job, appservice, txn_id) in self.pending_sends.drain(..) {
+            self.in_flight.insert(job.id, (appservice, txn_id));
+            let net = self.net.clone();
+            let inputs = self.inputs.clone();
+            self.runtime.spawn(async move {
+                let outcome = net.send(job.target, job.body).await;
+                let _ = inputs.send(Input::SendFinished {
+                    id: job.id,
+                    outcome,
+                });
             });
-        });
+        }
     }
 
     /// Cancels every pending timer (used when an instance is replaced: the new one sets its own).
@@ -523,13 +518,7 @@ impl http_send::Host for HostState {
             })?;
         let id = io.next_handle();
         let job = SendJob { id, target, body };
-        // A request may leave at once when every commit before it is durable (a transaction
-        // stored in an earlier round); otherwise it waits for the round's sync.
-        if io.store.is_synced() && io.pending_sends.is_empty() {
-            io.spawn_send(job, appservice, txn_id);
-        } else {
-            io.pending_sends.push((job, appservice, txn_id));
-        }
+        io.pending_sends.push((job, appservice, txn_id));
         Ok(id)
     }
 }

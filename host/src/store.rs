@@ -274,14 +274,6 @@ impl Store {
         }
     }
 
-    /// Whether every commit so far is durable.
-    pub fn is_synced(&self) -> bool {
-        match self {
-            Store::Sqlite(store) => !store.unsynced,
-            Store::Memory(_) => true,
-        }
-    }
-
     /// Makes every commit so far durable (nothing to do in memory).
     pub fn sync(&mut self) -> Result<(), StoreError> {
         match self {

@@ -192,14 +192,6 @@ struct Appservice {
     keys: Keys,
     record: Record,
     txn: Option<StoredTxn>,
-    /// The transaction after `txn`, stored while `txn` is in flight; it is sent the moment
-    /// `txn` is delivered, without waiting for a write to reach the disk.
-    next: Option<StoredTxn>,
-    /// Set when recording a delivery failed after the next transaction had gone out: the
-    /// store still names the delivered transaction (a crash would resend it, under its id, and
-    /// then the next). Holds the first chunk to keep; every later commit of the appservice
-    /// brings the store up to date.
-    store_behind: Option<u64>,
     phase: Phase,
     in_flight: Option<u64>,
     timer: Option<Timer>,
@@ -302,12 +294,6 @@ impl Scheduler {
             let keys = Keys::new(id);
             let stored = read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)?;
             let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
-            let next = read_json::<StoredTxn>(fx, &keys.next_txn()).map_err(StartError::Storage)?;
-            // A next transaction is only ever stored behind a current one.
-            let (txn, next) = match (txn, next) {
-                (None, Some(next)) => (Some(next), None),
-                pair => pair,
-            };
             let moved = migrate_event_rows(fx, &keys, txn.as_ref()).map_err(StartError::Storage)?;
             if moved > 0 {
                 let message = format!("moved {moved} queued events into the chunked layout");
@@ -337,8 +323,6 @@ impl Scheduler {
                 keys,
                 record,
                 txn,
-                next,
-                store_behind: None,
                 phase,
                 in_flight: None,
                 timer: None,
@@ -366,20 +350,7 @@ impl Scheduler {
                 continue;
             };
             let matches = a.txn.as_ref().is_some_and(|t| t.txn_id == send.txn_id);
-            let is_next = a.next.as_ref().is_some_and(|t| t.txn_id == send.txn_id);
-            if is_next && a.in_flight.is_none() {
-                // The next transaction goes out only once the current one is delivered: the
-                // store is behind. Deliver the current one in memory; the next commit records it.
-                let delivered = a.txn.take().expect("a next transaction has a current one");
-                a.record.head = delivered.end;
-                a.record.queued_bytes -= delivered.event_bytes;
-                a.record.failed_attempts = 0;
-                a.record.retry_at_ms = None;
-                a.store_behind = Some(delivered.keep_from());
-                a.txn = a.next.take();
-                a.in_flight = Some(send.id);
-                self.sends.insert(send.id, a.id.clone());
-            } else if matches && a.in_flight.is_none() {
+            if matches && a.in_flight.is_none() {
                 a.in_flight = Some(send.id);
                 self.sends.insert(send.id, a.id.clone());
             } else {
@@ -446,9 +417,8 @@ impl Scheduler {
             return results;
         }
         for (id, record) in &touched {
-            let a = &self.appservices[id];
-            ops.extend(catch_up_ops(a));
-            ops.push(WriteOp::Put(a.keys.meta(), to_json(record)));
+            let keys = &self.appservices[id].keys;
+            ops.push(WriteOp::Put(keys.meta(), to_json(record)));
         }
         let committed = fx.commit(ops);
         // A deliberately broken build for the simulator's tests: it acknowledges batches whose
@@ -473,12 +443,10 @@ impl Scheduler {
         }
         let staged: Vec<String> = touched.keys().cloned().collect();
         for (id, record) in touched {
-            let a = self
-                .appservices
+            self.appservices
                 .get_mut(&id)
-                .expect("staged ids are registered");
-            a.record = record;
-            a.store_behind = None;
+                .expect("staged ids are registered")
+                .record = record;
         }
         // Only chunks that the next few transactions will carry are worth keeping: a backlog
         // (an appservice that is down or far behind) is read from the store when its turn comes.
@@ -658,14 +626,12 @@ impl Scheduler {
         self.appservices
             .values()
             .map(|a| {
-                let stored_end = a.next.as_ref().or(a.txn.as_ref()).map(|t| t.end);
-                let queued_after_txn = a.record.tail - stored_end.unwrap_or(a.record.head);
+                let queued_after_txn =
+                    a.record.tail - a.txn.as_ref().map_or(a.record.head, |t| t.end);
                 Status {
                     appservice: a.id.clone(),
                     phase: a.phase,
-                    backlog_txns: u64::from(a.txn.is_some())
-                        + u64::from(a.next.is_some())
-                        + queued_after_txn.div_ceil(max),
+                    backlog_txns: u64::from(a.txn.is_some()) + queued_after_txn.div_ceil(max),
                     backlog_events: a.record.tail - a.record.head,
                     backlog_bytes: a.record.queued_bytes,
                     oldest_enqueued_at_ms: oldest_enqueued_at(fx, a),
@@ -691,11 +657,7 @@ impl Scheduler {
             .expect("dispatch is only called for registered ids");
         // A deliberately broken build for the simulator's tests ignores the send in flight.
         let busy = a.in_flight.is_some() && !cfg!(feature = "fault-double-send");
-        if busy {
-            self.freeze_next(fx, id);
-            return;
-        }
-        if a.timer.is_some() {
+        if busy || a.timer.is_some() {
             return;
         }
         if a.unrecorded_success {
@@ -765,15 +727,14 @@ impl Scheduler {
     fn form_txn(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
         let a = &self.appservices[id];
         let mut record = a.record.clone();
-        let next = match self.prepare_txn(fx, id, record.head, &mut record) {
+        let next = match self.prepare_txn(fx, id, &mut record) {
             Ok(next) => next,
             Err(why) => {
                 self.pause_for_storage(fx, id, why);
                 return None;
             }
         };
-        let mut ops = catch_up_ops(a);
-        ops.extend(next.ops(&a.keys));
+        let mut ops = next.ops(&a.keys);
         ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
         if let Err(error) = fx.commit(ops) {
             self.pause_for_storage(fx, id, error.to_string());
@@ -784,22 +745,21 @@ impl Scheduler {
             .get_mut(id)
             .expect("the id was found above");
         a.record = record;
-        a.store_behind = None;
         a.txn = Some(next.txn);
         Some(next.body)
     }
 
-    /// Reads the queue from event `head` on and builds a transaction, up to the caps; advances
-    /// `record.next_txn` past its id. Nothing is written: the caller commits
+    /// Reads the head of the queue from `record.head` and builds the next transaction, up to
+    /// the caps; advances `record.next_txn` past its id. Nothing is written: the caller commits
     /// [`NextTxn::ops`] with the record, alone or together with other writes.
     fn prepare_txn(
         &self,
         fx: &mut impl Effects,
         id: &str,
-        head: u64,
         record: &mut Record,
     ) -> Result<NextTxn, String> {
         let a = &self.appservices[id];
+        let head = record.head;
         let built = read_queue(
             fx,
             &self.cache,
@@ -849,136 +809,12 @@ impl Scheduler {
         }
     }
 
-    /// Fixes and stores the transaction after the one in flight, so that it can be sent the
-    /// moment the one in flight is delivered. Only for an UP appservice, and only once a full
-    /// transaction waits: fewer events keep waiting for the answer, so that more can join
-    /// them. A failure only means the next transaction is formed later, the usual way.
-    fn freeze_next(&mut self, fx: &mut impl Effects, id: &str) {
-        let a = &self.appservices[id];
-        let Some(txn) = &a.txn else { return };
-        let waiting_events = a.record.tail.saturating_sub(txn.end);
-        let waiting_bytes = a.record.queued_bytes.saturating_sub(txn.event_bytes);
-        let full = waiting_events >= u64::from(a.cap_events)
-            || waiting_bytes >= u64::from(self.config.max_txn_body_bytes);
-        let eligible = full
-            && a.next.is_none()
-            && a.in_flight.is_some()
-            && a.phase == Phase::Up
-            && !a.unrecorded_success
-            && a.timer.is_none();
-        if !eligible {
-            return;
-        }
-        let mut record = a.record.clone();
-        let Ok(next) = self.prepare_txn(fx, id, txn.end, &mut record) else {
-            return;
-        };
-        let a = &self.appservices[id];
-        let mut ops = catch_up_ops(a);
-        ops.push(WriteOp::Put(a.keys.next_txn(), to_json(&next.txn)));
-        ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
-        if let Err(error) = fx.commit(ops) {
-            let message = format!("could not store the next transaction ahead: {error}");
-            fx.log(LogLevel::Debug, Some(id), &message);
-            return;
-        }
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("the id was found above");
-        a.record = record;
-        a.next = Some(next.txn);
-        a.store_behind = None;
-    }
-
-    /// A delivered transaction with a next one stored behind it: the next one is durable, so
-    /// it goes out at once, and its promotion (and the one after, when events wait) is
-    /// committed after. If that commit fails, the store stays behind (it still names the
-    /// delivered transaction, which a crash would resend under its id before the next) until
-    /// the appservice's next commit.
-    fn deliver_and_send_next(&mut self, fx: &mut impl Effects, id: &str) {
-        let a = &self.appservices[id];
-        let txn = a
-            .txn
-            .clone()
-            .expect("a success is recorded only for a stored transaction");
-        let next = a.next.clone().expect("called only with a next transaction");
-        let body = read_queue(fx, &self.cache, a, next.first, next.events(), usize::MAX)
-            .ok()
-            .filter(|read| read.events == next.events())
-            .map(|read| read.body);
-        let mut record = a.record.clone();
-        record.head = txn.end;
-        record.queued_bytes -= txn.event_bytes;
-        record.down = a.phase != Phase::Up;
-        record.failed_attempts = 0;
-        record.retry_at_ms = None;
-        self.cache.remove_below(id, txn.keep_from());
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("the id was found above");
-        a.record = record;
-        a.txn = a.next.take();
-        a.store_behind = Some(txn.keep_from());
-        a.unrecorded_success = false;
-        a.failed_attempts = 0;
-        a.storage_failures = 0;
-        a.last_error = None;
-        a.delivered_txns += 1;
-        a.delivered_events += txn.events();
-        if a.phase == Phase::Down {
-            a.phase = Phase::Recovering;
-        }
-        match body {
-            Some(body) => self.start_send(fx, id, &body),
-            None => {
-                // Its events cannot be read now: record the delivery, then let dispatch read
-                // the body again (and pause if it still cannot).
-                self.write_state(fx, id);
-                self.dispatch(fx, id, false);
-                return;
-            }
-        }
-        if self.appservices[id].in_flight.is_some() {
-            self.freeze_next(fx, id);
-        }
-        if self.appservices[id].store_behind.is_some() {
-            self.write_state(fx, id);
-        }
-    }
-
-    /// Brings the store up to date with the appservice's transactions and record (after a
-    /// commit that failed). A failure leaves it behind for the next commit.
-    fn write_state(&mut self, fx: &mut impl Effects, id: &str) {
-        let a = &self.appservices[id];
-        let mut ops = catch_up_ops(a);
-        ops.push(WriteOp::Put(a.keys.meta(), to_json(&a.record)));
-        match fx.commit(ops) {
-            Ok(()) => {
-                self.appservices
-                    .get_mut(id)
-                    .expect("the id was found above")
-                    .store_behind = None;
-            }
-            Err(error) => {
-                let message =
-                    format!("could not record a delivery yet (will with the next write): {error}");
-                fx.log(LogLevel::Warn, Some(id), &message);
-            }
-        }
-    }
-
     /// Records a delivered transaction: its events leave the queue, and the next transaction
     /// is dispatched. When events wait behind it, the next transaction is formed and stored in
     /// the same commit (one durable write per delivered transaction), and sent at once. If the
     /// write fails, the queue pauses and the write is retried; nothing else is sent meanwhile,
     /// and a crash resends the same transaction under the same id.
     fn record_success(&mut self, fx: &mut impl Effects, id: &str) {
-        if self.appservices[id].next.is_some() && !cfg!(feature = "fault-double-send") {
-            self.deliver_and_send_next(fx, id);
-            return;
-        }
         let a = &self.appservices[id];
         let txn = a
             .txn
@@ -991,18 +827,17 @@ impl Scheduler {
         record.down = a.phase != Phase::Up && !drained;
         record.failed_attempts = 0;
         record.retry_at_ms = None;
-        let mut ops = catch_up_ops(a);
-        ops.extend([
+        let mut ops = vec![
             WriteOp::DeleteRange(a.keys.chunk(0), a.keys.chunk(txn.keep_from())),
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
-        ]);
+        ];
         // The next transaction goes into the same commit when it can be formed now; any
         // problem forming it is left to `dispatch`, after this success is recorded.
         let next = if drained || a.timer.is_some() {
             None
         } else {
-            self.prepare_txn(fx, id, record.head, &mut record).ok()
+            self.prepare_txn(fx, id, &mut record).ok()
         };
         let a = &self.appservices[id];
         if let Some(next) = &next {
@@ -1022,7 +857,6 @@ impl Scheduler {
             .expect("the id was found above");
         a.record = record;
         a.txn = None;
-        a.store_behind = None;
         a.unrecorded_success = false;
         a.failed_attempts = 0;
         a.storage_failures = 0;
@@ -1048,7 +882,6 @@ impl Scheduler {
             Some(next) => {
                 a.txn = Some(next.txn);
                 self.start_send(fx, id, &next.body);
-                self.freeze_next(fx, id);
             }
             None => self.dispatch(fx, id, false),
         }
@@ -1062,15 +895,10 @@ impl Scheduler {
             .txn
             .clone()
             .expect("a 413 is handled only for a stored transaction");
-        // A next transaction stored behind it would overlap the smaller ones: its id, never
-        // sent, is retired with it.
-        let mut ops = catch_up_ops(a);
-        ops.extend([
+        let ops = vec![
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
-            WriteOp::Delete(a.keys.next_txn()),
-            WriteOp::Put(a.keys.meta(), to_json(&a.record)),
-        ]);
+        ];
         if let Err(error) = fx.commit(ops) {
             self.pause_for_storage(fx, id, error.to_string());
             return;
@@ -1087,8 +915,6 @@ impl Scheduler {
             .get_mut(id)
             .expect("the id was found above");
         a.txn = None;
-        a.next = None;
-        a.store_behind = None;
         a.cap_events = half;
         let retrying = a.phase == Phase::Down;
         self.dispatch(fx, id, retrying);
@@ -1136,13 +962,8 @@ impl Scheduler {
         record.down = true;
         record.failed_attempts = a.failed_attempts;
         record.retry_at_ms = Some(now_wall.saturating_add(delay_ms));
-        let mut ops = catch_up_ops(a);
-        ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
-        match fx.commit(ops) {
-            Ok(()) => {
-                a.record = record;
-                a.store_behind = None;
-            }
+        match fx.commit(vec![WriteOp::Put(a.keys.meta(), to_json(&record))]) {
+            Ok(()) => a.record = record,
             Err(error) => {
                 let message = format!("could not persist the backoff: {error}");
                 fx.log(LogLevel::Warn, Some(id), &message);
@@ -1224,38 +1045,14 @@ impl Scheduler {
         }
         let mut record = a.record.clone();
         record.down = down;
-        let mut ops = catch_up_ops(a);
-        ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
-        match fx.commit(ops) {
-            Ok(()) => {
-                a.record = record;
-                a.store_behind = None;
-            }
+        match fx.commit(vec![WriteOp::Put(a.keys.meta(), to_json(&record))]) {
+            Ok(()) => a.record = record,
             Err(error) => {
                 let message = format!("could not persist the down flag: {error}");
                 fx.log(LogLevel::Warn, Some(id), &message);
             }
         }
     }
-}
-
-/// The writes that bring a store that is behind (see `Appservice::store_behind`) up to date
-/// with the appservice's transactions; nothing when it is not behind. The record itself is
-/// written by every caller.
-fn catch_up_ops(a: &Appservice) -> Vec<WriteOp> {
-    let Some(keep_from) = a.store_behind else {
-        return Vec::new();
-    };
-    let put_or_delete = |key: String, txn: &Option<StoredTxn>| match txn {
-        Some(txn) => WriteOp::Put(key, to_json(txn)),
-        None => WriteOp::Delete(key),
-    };
-    vec![
-        WriteOp::DeleteRange(a.keys.chunk(0), a.keys.chunk(keep_from)),
-        WriteOp::Delete(a.keys.txn_body()),
-        put_or_delete(a.keys.txn(), &a.txn),
-        put_or_delete(a.keys.next_txn(), &a.next),
-    ]
 }
 
 /// How many chunks one scan reads while a lost record is rebuilt.

@@ -162,11 +162,22 @@ pub async fn throughput(
     let started = now_ns();
     let total = events.len() as u64;
     enqueue_all(host, events, batch, appservices).await;
+    arrivals(receiver, total, started, cpu_started)
+}
+
+/// Waits until the receiver has `total` events, checks that each arrived once and with the
+/// hs_token, and rates them from `started` (wall clock, ns) to the last arrival; CPU from
+/// `cpu_started` to now.
+fn arrivals(receiver: &Receiver, total: u64, started: u64, cpu_started: u64) -> Throughput {
     let arrived = tokio::task::block_in_place(|| receiver.wait_for(total, RUN_TIMEOUT));
     let cpu = process_cpu_ns() - cpu_started;
     assert!(arrived, "every event arrives within {RUN_TIMEOUT:?}");
-    let log = receiver.dump();
-    let last = log.iter().map(|a| a.ns).max().unwrap_or(started);
+    let last = receiver
+        .dump()
+        .iter()
+        .map(|a| a.ns)
+        .max()
+        .unwrap_or(started);
     let stats = receiver.stats();
     assert_eq!(stats.events, total, "each event arrives once");
     assert_eq!(stats.no_auth, 0, "every request carries the hs_token");
@@ -266,21 +277,10 @@ pub async fn backlog(host: &Host, receiver: &Receiver, events: Arc<Vec<String>>)
     host.force_retry(&appservice(0))
         .await
         .expect("the retry is accepted");
-    let arrived = tokio::task::block_in_place(|| receiver.wait_for(total, RUN_TIMEOUT));
-    let cpu = process_cpu_ns() - cpu_started;
-    assert!(arrived, "the whole backlog arrives");
-    let log = receiver.dump();
-    let last = log.iter().map(|a| a.ns).max().unwrap_or(started);
-    let stats = receiver.stats();
-    assert_eq!(stats.events, total, "each event arrives once");
     Backlog {
         memory_before,
         memory_with_backlog,
-        drain: Throughput {
-            events_per_s: total as f64 / ((last - started) as f64 / 1e9),
-            cpu_us_per_event: cpu as f64 / 1e3 / total as f64,
-            txns: stats.txns,
-        },
+        drain: arrivals(receiver, total, started, cpu_started),
     }
 }
 
@@ -356,21 +356,11 @@ pub async fn sidecar(
     }
     let accepted = now_ns();
     let total = events.len() as u64;
-    let arrived = tokio::task::block_in_place(|| receiver.wait_for(total, RUN_TIMEOUT));
-    assert!(arrived, "every event arrives");
-    let last = receiver
-        .dump()
-        .iter()
-        .map(|a| a.ns)
-        .max()
-        .unwrap_or(accepted);
-    let stats = receiver.stats();
-    assert_eq!(stats.events, total, "each event arrives once");
-    assert_eq!(stats.no_auth, 0, "every request carries the hs_token");
+    let delivered = arrivals(receiver, total, started, process_cpu_ns());
     let _ = stop_tx.send(());
     let _ = server.await;
     (
         total as f64 / ((accepted - started) as f64 / 1e9),
-        total as f64 / ((last - started) as f64 / 1e9),
+        delivered.events_per_s,
     )
 }

@@ -655,9 +655,7 @@ impl EngineThread {
                     };
                     let _ = reply.send(answer);
                 }
-                if let Some(instance) = self.instance.take() {
-                    self.parked = Some(instance.into_io());
-                }
+                self.park_instance();
                 self.status.last_failure = Some(why);
                 self.next_rebuild_at = Some(Instant::now() + STORE_SYNC_RETRY);
             }
@@ -779,6 +777,13 @@ impl EngineThread {
         EnqueueError::PluginFailed(why)
     }
 
+    /// Drops the running instance, keeping the imports' state for the next one.
+    fn park_instance(&mut self) {
+        if let Some(instance) = self.instance.take() {
+            self.parked = Some(instance.into_io());
+        }
+    }
+
     /// Calls an export; on a trap, replaces the instance and returns `None`.
     fn call<R>(
         &mut self,
@@ -792,12 +797,7 @@ impl EngineThread {
             Err(trap) => {
                 let why = describe_trap(name, trap, self.sandbox.call_deadline);
                 tracing::error!(export = name, error = %why, "the plugin failed; rebuilding it from the store");
-                let io = self
-                    .instance
-                    .take()
-                    .expect("an instance was just used")
-                    .into_io();
-                self.parked = Some(io);
+                self.park_instance();
                 self.failed(why);
                 None
             }
@@ -821,12 +821,7 @@ impl EngineThread {
         };
         let why = describe_trap(name, trap, self.sandbox.call_deadline);
         tracing::error!(export = name, error = %why, "the plugin failed on a request; rebuilding it from the store");
-        let io = self
-            .instance
-            .take()
-            .expect("an instance was just used")
-            .into_io();
-        self.parked = Some(io);
+        self.park_instance();
         if self.in_probation() && self.previous.is_some() {
             self.failed(why);
         } else {

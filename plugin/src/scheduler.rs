@@ -464,7 +464,8 @@ impl Scheduler {
     }
 
     /// Validates one batch and adds its writes; `touched` holds each appservice's record as it
-    /// will be after the commit.
+    /// will be after the commit, `chunks` every new chunk (kept in memory after the commit if it
+    /// will soon be sent).
     fn stage_batch(
         &self,
         batch: &EnqueueBatch,

@@ -2199,8 +2199,7 @@ fn events_of_the_one_event_per_key_layout_are_moved_into_chunks() {
         .unwrap(),
     );
     for n in 5..1010u32 {
-        let mut value = (WALL0 + u64::from(n)).to_le_bytes().to_vec();
-        value.extend_from_slice(ev(n).as_bytes());
+        let value = asched_plugin::layout::encode_queued(WALL0 + u64::from(n), &ev(n));
         put(&mut world, &format!("as/as1/q/{:016x}", n), value);
     }
     put(

@@ -175,37 +175,43 @@ impl Net {
         })
     }
 
-    /// Sends one transaction (on the quiet runtime) and classifies how it ended. Never fails:
-    /// every failure is an outcome the plugin handles.
-    pub async fn send(&self, target: Target, body: Vec<u8>) -> SendOutcome {
+    /// Sends one transaction on the HTTP runtime and hands how it ended to `done`, on that
+    /// runtime too: the request and its report cost no hop through another thread. Never
+    /// fails: every failure is an outcome the plugin handles.
+    pub fn start(
+        &self,
+        target: Target,
+        body: Vec<u8>,
+        done: impl FnOnce(SendOutcome) + Send + 'static,
+    ) {
         let request = self
             .client
             .put(&target.url)
             .header(reqwest::header::AUTHORIZATION, &target.bearer)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        let exchange = async move {
-            let response = match request.send().await {
-                Ok(response) => response,
-                Err(error) => return classify(error),
-            };
-            let status = response.status().as_u16();
-            match response.bytes().await {
-                Ok(bytes) => {
-                    let body_is_json =
-                        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
-                    SendOutcome::Response(Response {
-                        status,
-                        body_is_json,
-                    })
-                }
-                Err(error) => classify(error),
-            }
-        };
-        match self.runtime.handle().spawn(exchange).await {
-            Ok(outcome) => outcome,
-            Err(error) => SendOutcome::ConnectionLost(format!("the HTTP task ended: {error}")),
+        self.runtime.handle().spawn(async move {
+            done(exchange(request).await);
+        });
+    }
+}
+
+/// Sends a request and classifies how it ended.
+async fn exchange(request: reqwest::RequestBuilder) -> SendOutcome {
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(error) => return classify(error),
+    };
+    let status = response.status().as_u16();
+    match response.bytes().await {
+        Ok(bytes) => {
+            let body_is_json = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_ok();
+            SendOutcome::Response(Response {
+                status,
+                body_is_json,
+            })
         }
+        Err(error) => classify(error),
     }
 }
 

@@ -48,7 +48,7 @@ pub struct Io {
     pub net: Arc<Net>,
     /// Where send outcomes and timers report back.
     pub inputs: std::sync::mpsc::Sender<Input>,
-    /// The async runtime that runs sends and timers.
+    /// The async runtime that runs timers (sends run on [`Net`]'s own).
     pub runtime: tokio::runtime::Handle,
     /// Sends started and not yet finished: handle → (appservice, txn id).
     pub in_flight: BTreeMap<u64, (String, String)>,
@@ -75,10 +75,8 @@ impl Io {
     pub fn start_pending_sends(&mut self) {
         for (job, appservice, txn_id) in self.pending_sends.drain(..) {
             self.in_flight.insert(job.id, (appservice, txn_id));
-            let net = self.net.clone();
             let inputs = self.inputs.clone();
-            self.runtime.spawn(async move {
-                let outcome = net.send(job.target, job.body).await;
+            self.net.start(job.target, job.body, move |outcome| {
                 let _ = inputs.send(Input::SendFinished {
                     id: job.id,
                     outcome,

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::layout::CHUNK_HEADER_BYTES;
+use crate::layout::chunk_events;
 
 /// Recent chunks of every appservice, oldest pushed out first.
 #[derive(Debug)]
@@ -68,10 +68,7 @@ impl ChunkCache {
         let from = (appservice.to_owned(), 0);
         let to = (appservice.to_owned(), seq);
         let ((_, start), value) = self.chunks.range(from..=to).next_back()?;
-        let count = value
-            .get(8..CHUNK_HEADER_BYTES)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)?;
+        let count = chunk_events(value)?;
         (start + u64::from(count) > seq).then_some((*start, value.as_slice()))
     }
 

@@ -198,6 +198,12 @@ pub fn encode_chunk<'a>(
     value
 }
 
+/// The number of events a chunk's header announces, without reading the events.
+pub fn chunk_events(value: &[u8]) -> Option<u32> {
+    let count = value.get(8..CHUNK_HEADER_BYTES)?;
+    Some(u32::from_le_bytes(count.try_into().ok()?))
+}
+
 /// A chunk read back: its enqueue time and its events' JSON, in order.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Chunk<'a> {

@@ -700,19 +700,27 @@ impl Scheduler {
         if let Some(body) = stored {
             return Some(body);
         }
-        let rebuilt = read_queue(fx, &self.cache, a, txn.first, txn.events(), usize::MAX)
-            .map_err(|why| format!("stored txn {}: {why}", txn.txn_id))
-            .and_then(|read| {
-                if read.events == txn.events() {
-                    Ok(read.body)
-                } else {
-                    Err(format!(
-                        "queued event {} of stored txn {} is missing from the store",
-                        txn.first + read.events,
-                        txn.txn_id
-                    ))
-                }
-            });
+        let rebuilt = read_queue(
+            fx,
+            &mut self.cache,
+            a,
+            0,
+            txn.first,
+            txn.events(),
+            usize::MAX,
+        )
+        .map_err(|why| format!("stored txn {}: {why}", txn.txn_id))
+        .and_then(|read| {
+            if read.events == txn.events() {
+                Ok(read.body)
+            } else {
+                Err(format!(
+                    "queued event {} of stored txn {} is missing from the store",
+                    txn.first + read.events,
+                    txn.txn_id
+                ))
+            }
+        });
         match rebuilt {
             Ok(body) => Some(body),
             Err(why) => {
@@ -726,15 +734,15 @@ impl Scheduler {
     /// Fixes a new transaction from the head of the queue, up to the caps, and stores it with
     /// its id and body before it is sent.
     fn form_txn(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
-        let a = &self.appservices[id];
-        let mut record = a.record.clone();
-        let next = match self.prepare_txn(fx, id, &mut record) {
+        let mut record = self.appservices[id].record.clone();
+        let next = match self.prepare_txn(fx, id, &mut record, 0) {
             Ok(next) => next,
             Err(why) => {
                 self.pause_for_storage(fx, id, why);
                 return None;
             }
         };
+        let a = &self.appservices[id];
         let mut ops = next.ops(&a.keys);
         ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
         if let Err(error) = fx.commit(ops) {
@@ -754,17 +762,19 @@ impl Scheduler {
     /// the caps; advances `record.next_txn` past its id. Nothing is written: the caller commits
     /// [`NextTxn::ops`] with the record, alone or together with other writes.
     fn prepare_txn(
-        &self,
+        &mut self,
         fx: &mut impl Effects,
         id: &str,
         record: &mut Record,
+        first_chunk: u64,
     ) -> Result<NextTxn, String> {
         let a = &self.appservices[id];
         let head = record.head;
         let built = read_queue(
             fx,
-            &self.cache,
+            &mut self.cache,
             a,
+            first_chunk,
             head,
             u64::from(a.cap_events),
             self.config.max_txn_body_bytes as usize,
@@ -838,7 +848,10 @@ impl Scheduler {
         let next = if drained || a.timer.is_some() {
             None
         } else {
-            self.prepare_txn(fx, id, &mut record).ok()
+            // The chunks left in the store start where the delivered transaction's last chunk
+            // does (unknown for a transaction stored by an earlier build).
+            let first_chunk = txn.keep_from.map_or(0, |_| txn.keep_from());
+            self.prepare_txn(fx, id, &mut record, first_chunk).ok()
         };
         let a = &self.appservices[id];
         if let Some(next) = &next {
@@ -1275,19 +1288,24 @@ impl BodyBuilder {
 
 /// Joins up to `max_events` queued events of `a` from `from` on into `{"events":[...]}`
 /// without parsing them again, stopping before the byte cap (the first event always goes in).
-/// Chunks come from the cache of recent ones when they are there, else from the store. Errors
-/// when the chunks do not cover `from` or leave a gap, which would mean the store lost events.
+/// Chunks come from the cache of recent ones when they are there, else from the store; a scan
+/// of the store reads a few chunks at once, and while `a` is not down those that the next
+/// transactions will carry go into the cache, so a backlog is read once, a page at a time.
+/// Errors when the chunks do not cover `from` or leave a gap, which would mean the store lost
+/// events. No chunk before `first_chunk` is read (0 when the caller knows no better; a success
+/// knows where the chunks it leaves in the store start).
 fn read_queue(
     fx: &mut impl Effects,
-    cache: &ChunkCache,
+    cache: &mut ChunkCache,
     a: &Appservice,
+    first_chunk: u64,
     from: u64,
     max_events: u64,
     max_body_bytes: usize,
 ) -> Result<Gathered, String> {
     let mut builder = BodyBuilder::new(from, max_events, max_body_bytes);
     let mut next: Option<u64> = None;
-    'chunks: loop {
+    loop {
         let cached = match next {
             None => cache.covering(&a.id, from),
             Some(seq) => cache.get(&a.id, seq).map(|value| (seq, value)),
@@ -1301,24 +1319,38 @@ fn read_queue(
                 None => break,
             }
         }
-        let start = next.map_or_else(|| a.keys.chunk(0), |seq| a.keys.chunk(seq));
+        let start = a.keys.chunk(next.unwrap_or(first_chunk));
         let page = fx
             .scan(&start, &a.keys.chunk_end(), FORM_PAGE)
             .map_err(|e| e.to_string())?;
-        for (key, value) in &page {
+        let last_page = page.len() < FORM_PAGE as usize;
+        let mut done = false;
+        let mut read = Vec::with_capacity(page.len());
+        for (key, value) in page {
             let seq = a
                 .keys
-                .chunk_seq_of(key)
+                .chunk_seq_of(&key)
                 .ok_or_else(|| format!("unexpected key {key} among queued chunks"))?;
-            if next.is_some_and(|expected| seq != expected) {
-                break 'chunks;
+            if !done {
+                if next.is_some_and(|expected| seq != expected) {
+                    done = true;
+                } else {
+                    match builder.feed(seq, &value)? {
+                        Some(end) => next = Some(end),
+                        None => done = true,
+                    }
+                }
             }
-            match builder.feed(seq, value)? {
-                Some(end) => next = Some(end),
-                None => break 'chunks,
+            read.push((seq, value));
+        }
+        if a.phase != Phase::Down {
+            for (seq, value) in read {
+                if seq + u64::from(layout::chunk_events(&value).unwrap_or(0)) > from {
+                    cache.insert(&a.id, seq, value);
+                }
             }
         }
-        if page.len() < FORM_PAGE as usize {
+        if done || last_page {
             break;
         }
     }

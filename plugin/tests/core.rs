@@ -2239,3 +2239,23 @@ fn events_of_the_one_event_per_key_layout_are_moved_into_chunks() {
     assert_eq!(h.id(AS1, 8), "0123456789abcdef.8");
     assert_eq!(h.queued_keys(), Vec::<String>::new());
 }
+
+/// A backlog longer than the cache of recent chunks is read from the store a page of chunks
+/// at a time, each chunk once: the chunks a scan brings beyond the transaction being formed
+/// are kept for the next ones.
+#[test]
+fn a_backlog_beyond_the_cache_is_read_a_page_at_a_time() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_range(AS1, [0]);
+    for batch in 0..12 {
+        h.enq_range(AS1, batch * 100 + 1..=batch * 100 + 100);
+    }
+    let scans_before = h.world.scans;
+    let txns = h.drain_ok(AS1);
+    let mut expected = vec![vec![0]];
+    expected.extend((0..12).map(|batch| range(batch * 100 + 1, batch * 100 + 100)));
+    assert_eq!(txns, expected);
+    // Chunks 1 to 301 were cached when they were enqueued, within four transactions of the
+    // head; 401 to 1101 come from two scans of four chunks each.
+    assert_eq!(h.world.scans - scans_before, 2);
+}

@@ -3,9 +3,9 @@
 //! Requests (enqueue, force retry, status, swap), send outcomes and timers arrive on one
 //! channel. The thread takes everything waiting (a round), hands all its enqueues to the plugin
 //! in one call (so they share one commit), then the other inputs, and ticks the plugin about
-//! once a second. At the end of the round one fsync makes the round's commits durable, and only
-//! then are its enqueues answered and the transactions it formed sent (group commit; see
-//! [`crate::store`]).
+//! once a second. The round's enqueue answers and the transactions it formed are handed to the
+//! releaser, which lets them out once an fsync has made the round's commits durable, while this
+//! thread goes on with the next round (group commit; see [`crate::durable`]).
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
 //! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::oneshot;
 
+use crate::durable::{self, PendingEnqueue, Releaser, Round};
 use crate::http::{HttpConfig, Net};
 use crate::registration::Registration;
 use crate::runtime::{self, Instance, Io, LoadedPlugin, Sandbox, api};
@@ -282,6 +283,16 @@ pub enum Input {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<SwapReport, String>>,
     },
+    /// The store could not make a round durable: nothing of it was let out (see
+    /// [`crate::durable`]).
+    SyncFailed {
+        /// Why.
+        why: String,
+        /// The sends that were dropped instead of started.
+        dropped: Vec<u64>,
+    },
+    /// Every round handed to the releaser before its reset has been reported.
+    SyncReset,
     /// Stop the thread.
     Shutdown,
 }
@@ -350,6 +361,10 @@ impl Host {
             &config.legacy_query_auth,
         )?);
         let (inputs, receiver) = std::sync::mpsc::channel();
+        let releaser = match store.wal() {
+            Some(wal) => Some(Releaser::start(wal, net.clone(), inputs.clone())?),
+            None => None,
+        };
         let io = Io {
             store,
             net,
@@ -390,6 +405,8 @@ impl Host {
             last_failure_at: None,
             next_rebuild_at: None,
             replies: Vec::new(),
+            releaser,
+            awaiting_sync_reset: false,
             _data_lock: data_lock,
         };
         let instance = engine
@@ -548,12 +565,16 @@ struct EngineThread {
     status: PluginStatus,
     /// Enqueue answers of this round, sent once its commits are durable.
     replies: Vec<(PendingEnqueue, Result<u32, EnqueueError>)>,
+    /// Lets rounds out once their commits are durable (`None` for the store in memory, whose
+    /// rounds go out at once).
+    releaser: Option<Releaser>,
+    /// An fsync failed: the instance is stopped until the releaser confirms its reset.
+    awaiting_sync_reset: bool,
     /// Held for the engine's life: no other host may use the same store meanwhile.
     _data_lock: std::fs::File,
 }
 
 /// A request waiting for the plugin's answer to a combined enqueue.
-type PendingEnqueue = oneshot::Sender<Result<u32, EnqueueError>>;
 
 impl EngineThread {
     /// Instantiates `plugin` and calls its `start`, handing over the sends still in flight.
@@ -615,6 +636,8 @@ impl EngineThread {
             }
             if !self.process(round) {
                 self.finish_round();
+                // Lets out every round handed over before the thread ends.
+                self.releaser.take();
                 tracing::info!("engine stopped");
                 return;
             }
@@ -627,38 +650,50 @@ impl EngineThread {
         }
     }
 
-    /// Ends a round: one fsync makes its commits durable, then the enqueues are answered and
-    /// the transactions it formed are sent. If the store cannot make them durable, nothing is
-    /// acknowledged or sent, and the plugin is rebuilt from the store after a pause.
+    /// Ends a round: its enqueue answers and the transactions it formed go out once its
+    /// commits are durable, through the releaser, while the engine goes on (see
+    /// [`crate::durable`]).
     fn finish_round(&mut self) {
+        let replies = std::mem::take(&mut self.replies);
         let Some(io) = self.io() else {
-            for (reply, result) in self.replies.drain(..) {
+            for (reply, result) in replies {
                 let _ = reply.send(result);
             }
             return;
         };
-        match io.store.sync() {
-            Ok(()) => {
-                io.start_pending_sends();
-                for (reply, result) in self.replies.drain(..) {
-                    let _ = reply.send(result);
-                }
+        let round = Round {
+            sends: io.take_pending_sends(),
+            replies,
+            commits: io.store.take_unsynced(),
+        };
+        if round.is_empty() {
+            return;
+        }
+        if let Some(releaser) = &self.releaser {
+            releaser.submit(round);
+        } else if let Some(io) = self.io() {
+            durable::release(round, &io.net, &io.inputs);
+        }
+    }
+
+    /// The releaser could not make rounds durable: forgets the sends it dropped, and stops the
+    /// instance until the releaser has reported every round it failed.
+    fn sync_failed(&mut self, why: String, dropped: Vec<u64>) {
+        if let Some(io) = self.io() {
+            for id in dropped {
+                io.in_flight.remove(&id);
             }
-            Err(error) => {
-                let why =
-                    format!("the store could not make this round's writes durable: {error:?}");
-                tracing::error!(error = %why, "nothing of the round was acknowledged or sent; rebuilding the plugin");
-                for (reply, result) in self.replies.drain(..) {
-                    let answer = match result {
-                        Ok(_) => Err(EnqueueError::Storage(why.clone())),
-                        Err(error) => Err(error),
-                    };
-                    let _ = reply.send(answer);
-                }
-                self.park_instance();
-                self.status.last_failure = Some(why);
-                self.next_rebuild_at = Some(Instant::now() + STORE_SYNC_RETRY);
-            }
+        }
+        self.park_instance();
+        if self.awaiting_sync_reset {
+            return;
+        }
+        tracing::error!(error = %why, "rebuilding the plugin from the store once the failed rounds are reported");
+        self.awaiting_sync_reset = true;
+        self.status.last_failure = Some(why);
+        self.next_rebuild_at = None;
+        if let Some(releaser) = &self.releaser {
+            releaser.reset();
         }
     }
 
@@ -666,6 +701,7 @@ impl EngineThread {
     fn process(&mut self, round: Vec<Input>) -> bool {
         let mut batches = Vec::new();
         let mut pending: Vec<PendingEnqueue> = Vec::new();
+        let mut outcomes = Vec::new();
         let mut others = Vec::new();
         for input in round {
             match input {
@@ -678,7 +714,18 @@ impl EngineThread {
                     batches.push(api::EnqueueBatch { appservice, items });
                     pending.push(reply);
                 }
+                Input::SendFinished { id, outcome } => outcomes.push((id, outcome)),
                 other => others.push(other),
+            }
+        }
+        // Outcomes first, and their transactions on their way to the disk and the network
+        // before the enqueues are stored: an appservice that answered is the one waiting.
+        if !outcomes.is_empty() {
+            for (id, outcome) in outcomes {
+                self.send_finished(id, outcome);
+            }
+            if !batches.is_empty() {
+                self.finish_round();
             }
         }
         if !batches.is_empty() {
@@ -686,7 +733,7 @@ impl EngineThread {
         }
         for input in others {
             match input {
-                Input::SendFinished { id, outcome } => self.send_finished(id, outcome),
+                Input::SendFinished { .. } => unreachable!("outcomes were separated above"),
                 Input::TimerFired { id } => {
                     if let Some(io) = self.io() {
                         io.timers.remove(&id);
@@ -710,6 +757,11 @@ impl EngineThread {
                 }
                 Input::Swap { plugin, reply } => {
                     let _ = reply.send(self.swap(Arc::from(plugin)));
+                }
+                Input::SyncFailed { why, dropped } => self.sync_failed(why, dropped),
+                Input::SyncReset => {
+                    self.awaiting_sync_reset = false;
+                    self.next_rebuild_at = Some(Instant::now() + STORE_SYNC_RETRY);
                 }
                 Input::Enqueue { .. } => unreachable!("enqueues were separated above"),
                 Input::Shutdown => return false,
@@ -901,6 +953,13 @@ impl EngineThread {
 
     /// Cuts over to `plugin`; restores the running build if the new one does not start.
     fn swap(&mut self, plugin: Arc<LoadedPlugin>) -> Result<SwapReport, String> {
+        if self.awaiting_sync_reset {
+            return Err(
+                "the store could not make its writes durable; the plugin is rebuilt \
+                 from the store in a moment, swap then"
+                    .into(),
+            );
+        }
         let started = Instant::now();
         let io = match self.instance.take() {
             Some(instance) => instance.into_io(),

@@ -12,6 +12,7 @@
 //! - [`http`]: sending transactions, adding URLs and tokens the plugin never sees.
 //! - [`runtime`]: compiling, caching and instantiating the component; the import bindings.
 //! - [`engine`]: the thread that owns the instance and feeds it requests, outcomes and timers.
+//! - [`durable`]: the thread that lets each round's answers and sends out once it is on disk.
 //! - [`sidecar`]: the local HTTP API.
 //! - [`routing`]: which appservices an event interests, from their namespaces.
 //! - [`demo`]: the bundled end-to-end demonstration.
@@ -19,6 +20,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod durable;
 pub mod engine;
 pub mod http;
 pub mod registration;

@@ -69,20 +69,16 @@ impl Io {
         self.next_handle
     }
 
-    /// Sends the requests the plugin asked for since the last call. Call only once the
-    /// store's commits are durable: a request must never carry a transaction that a crash
-    /// could lose.
-    pub fn start_pending_sends(&mut self) {
+    /// The requests the plugin asked for since the last call, now counted as in flight. Send
+    /// them only once the store's commits are durable: a request must never carry a
+    /// transaction that a crash could lose.
+    pub fn take_pending_sends(&mut self) -> Vec<SendJob> {
+        let mut jobs = Vec::with_capacity(self.pending_sends.len());
         for (job, appservice, txn_id) in self.pending_sends.drain(..) {
             self.in_flight.insert(job.id, (appservice, txn_id));
-            let inputs = self.inputs.clone();
-            self.net.start(job.target, job.body, move |outcome| {
-                let _ = inputs.send(Input::SendFinished {
-                    id: job.id,
-                    outcome,
-                });
-            });
+            jobs.push(job);
         }
+        jobs
     }
 
     /// Cancels every pending timer (used when an instance is replaced: the new one sets its own).

@@ -1,20 +1,24 @@
 //! The `store` import on SQLite: one table of ordered keys, WAL journal.
 //!
-//! The table has a rowid (and an index on the key): its leaf cells hold a chunk of a hundred
-//! events mostly in place, where a `WITHOUT ROWID` table, whose rows live in an index tree with
-//! small cells, spreads each over a chain of overflow pages and costs about half as much CPU again per
-//! event. Stores created by earlier builds keep their `WITHOUT ROWID` table; both work alike.
+//! The table has a rowid (and an index on the key): a chunk of a hundred events is a row of
+//! about 40 KB, which a rowid table keeps as a page in its leaf and a chain of overflow pages,
+//! where a `WITHOUT ROWID` table, whose rows live in an index tree with small cells, needs more
+//! pages and costs about half as much CPU again per event. Stores created by earlier builds keep
+//! their `WITHOUT ROWID` table; both work alike.
 //!
 //! Every commit is one SQLite transaction, so it is atomic. Durability is grouped: commits are
-//! written to the WAL without waiting for the disk (`synchronous=NORMAL`), and
-//! [`SqliteStore::sync`] makes every commit so far durable with one fsync of the WAL. The engine
-//! calls it once per round of inputs, before anything that depends on those commits leaves the
-//! process (an enqueue's acknowledgement, a transaction's request). So the enqueues, delivery
-//! records and new transactions of one round share one fsync; and the plugin hands every
-//! enqueue of the round over in one call, which writes them in one commit.
+//! written to the WAL without waiting for the disk (`synchronous=NORMAL`), and one fsync of the
+//! WAL ([`sync_wal`]) makes every commit before it durable. The engine's releaser
+//! ([`crate::durable`]) does that on its own thread for every round of inputs, before anything
+//! that depends on the round's commits leaves the process (an enqueue's acknowledgement, a
+//! transaction's request). So the enqueues, delivery records and new transactions of one round,
+//! and of every round that waited for the fsync before, share one; and the plugin hands every
+//! enqueue of a round over in one call, which writes them in one commit.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
@@ -43,10 +47,11 @@ pub enum Write {
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
-    /// Commits since the last [`SqliteStore::sync`].
+    /// Commits since the last [`SqliteStore::sync`] or [`SqliteStore::take_unsynced`].
     unsynced: bool,
-    /// Syncs so far (with a random start), written by each sync so that it changes a row.
-    syncs: u64,
+    /// The WAL file, opened once more: an fsync through it makes every frame SQLite wrote
+    /// before durable (`None` for a database in memory).
+    wal: Option<Arc<File>>,
 }
 
 impl SqliteStore {
@@ -61,16 +66,29 @@ impl SqliteStore {
             "{}: WAL journal not available",
             path.display()
         );
+        // The table is created with `synchronous=FULL`, so that it is durable from the start;
+        // later commits leave their fsync to `sync_wal`. SQLite opened the WAL file above, and
+        // keeps it while the connection is open.
         conn.execute_batch(
-            "PRAGMA synchronous=NORMAL;
+            "PRAGMA synchronous=FULL;
              PRAGMA cache_size=-65536;
-             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);",
+             CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+             PRAGMA synchronous=NORMAL;",
         )
         .with_context(|| format!("cannot prepare the SQLite store {}", path.display()))?;
+        let wal_path = wal_path(path);
+        let wal = File::open(&wal_path)
+            .with_context(|| format!("cannot open the WAL {}", wal_path.display()))?;
+        // The WAL's name in its folder must survive a crash too.
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|dir| dir.sync_all())
+                .with_context(|| format!("cannot sync the folder {}", dir.display()))?;
+        }
         Ok(SqliteStore {
             conn,
             unsynced: false,
-            syncs: crate::runtime::random_u64() >> 1,
+            wal: Some(Arc::new(wal)),
         })
     }
 
@@ -84,8 +102,20 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             unsynced: false,
-            syncs: crate::runtime::random_u64() >> 1,
+            wal: None,
         })
+    }
+
+    /// The WAL file, for a thread that makes commits durable while this one goes on
+    /// ([`sync_wal`]); `None` for a database in memory.
+    pub fn wal(&self) -> Option<Arc<File>> {
+        self.wal.clone()
+    }
+
+    /// Whether anything was committed since the last call (or [`SqliteStore::sync`]): the
+    /// caller takes over making it durable.
+    pub fn take_unsynced(&mut self) -> bool {
+        std::mem::take(&mut self.unsynced)
     }
 
     /// Reads one key.
@@ -150,29 +180,15 @@ impl SqliteStore {
         tx.commit().map_err(map_error)
     }
 
-    /// Makes every commit so far durable: one small commit with `synchronous=FULL`, which
-    /// fsyncs the WAL and with it every frame written before. Does nothing when nothing was
+    /// Makes every commit so far durable, on this thread. Does nothing when nothing was
     /// committed since the last call.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         if !self.unsynced {
             return Ok(());
         }
-        // The value must differ from the stored one: SQLite writes nothing (and so syncs
-        // nothing) for a row overwritten with the same bytes.
-        self.syncs += 1;
-        self.conn
-            .execute_batch("PRAGMA synchronous=FULL;")
-            .map_err(map_error)?;
-        let written = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO kv (key, value) VALUES ('host/synced', ?1)
-                   ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            )
-            .and_then(|mut put| put.execute(params![self.syncs.to_le_bytes().to_vec()]));
-        let restored = self.conn.execute_batch("PRAGMA synchronous=NORMAL;");
-        written.map_err(map_error)?;
-        restored.map_err(map_error)?;
+        if let Some(wal) = &self.wal {
+            sync_wal(wal)?;
+        }
         self.unsynced = false;
         Ok(())
     }
@@ -282,6 +298,22 @@ impl Store {
         }
     }
 
+    /// Whether anything was committed since the last call or sync (never, in memory).
+    pub fn take_unsynced(&mut self) -> bool {
+        match self {
+            Store::Sqlite(store) => store.take_unsynced(),
+            Store::Memory(_) => false,
+        }
+    }
+
+    /// The SQLite store's WAL (see [`SqliteStore::wal`]).
+    pub fn wal(&self) -> Option<Arc<File>> {
+        match self {
+            Store::Sqlite(store) => store.wal(),
+            Store::Memory(_) => None,
+        }
+    }
+
     /// Applies `writes` atomically; on SQLite they are durable after the next [`Store::sync`].
     pub fn commit(&mut self, writes: Vec<Write>) -> Result<(), StoreError> {
         match self {
@@ -292,6 +324,23 @@ impl Store {
             }
         }
     }
+}
+
+/// Makes every commit written to this WAL so far durable. SQLite writes a commit's frames to
+/// the WAL before the commit returns, and a checkpoint syncs them into the database file before
+/// the WAL is reused, so one `fdatasync` of the WAL covers every earlier commit; after a crash,
+/// SQLite reads the WAL's frames up to the first torn one, so the commits kept are those up to
+/// some point, in order.
+pub fn sync_wal(wal: &File) -> Result<(), StoreError> {
+    wal.sync_data()
+        .map_err(|error| StoreError::Failed(format!("fsync of the WAL failed: {error}")))
+}
+
+/// Where SQLite keeps the WAL of the database at `db`.
+fn wal_path(db: &Path) -> std::path::PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    name.into()
 }
 
 fn map_error(error: rusqlite::Error) -> StoreError {
@@ -341,28 +390,47 @@ mod tests {
         store.sync().unwrap();
     }
 
-    /// Each sync that follows a commit writes a new value to its row: SQLite skips a write of
-    /// the same bytes, and a commit that writes nothing does not sync the log.
+    /// The file a sync flushes is the WAL SQLite writes to, still after checkpoints have
+    /// moved its frames into the database and SQLite has started the WAL over.
     #[test]
-    fn every_sync_changes_its_row() {
+    fn sync_flushes_the_wal_sqlite_writes() {
+        use std::os::unix::fs::MetadataExt;
         let path =
             std::env::temp_dir().join(format!("asched-store-sync-{}.sqlite", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let mut store = SqliteStore::open(&path).unwrap();
-        let mut seen = Vec::new();
-        for n in 0..3u8 {
-            store.commit(&[Write::Put("k".into(), vec![n])]).unwrap();
-            store.sync().unwrap();
-            seen.push(store.get("host/synced").unwrap().expect("the sync row"));
-            store.sync().unwrap();
-            assert_eq!(
-                store.get("host/synced").unwrap().as_ref(),
-                seen.last(),
-                "a sync without a commit before it writes nothing"
-            );
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
-        assert!(seen[0] != seen[1] && seen[1] != seen[2], "{seen:?}");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let wal = store.wal().expect("a file store has a WAL");
+        let chunk = vec![7u8; 40_000];
+        for n in 0..400 {
+            store
+                .commit(&[
+                    Write::Put(format!("c/{n:04}"), chunk.clone()),
+                    Write::DeleteRange("c/".into(), format!("c/{:04}", n.max(4) - 4)),
+                ])
+                .unwrap();
+            if n % 2 == 0 {
+                store.sync().unwrap();
+                assert!(!store.take_unsynced(), "a sync leaves nothing unsynced");
+            } else {
+                assert!(store.take_unsynced(), "a commit is unsynced until taken");
+                assert!(!store.take_unsynced(), "taken once");
+                sync_wal(&wal).unwrap();
+            }
+        }
+        let on_disk = std::fs::metadata(wal_path(&path)).unwrap();
+        let held = wal.metadata().unwrap();
+        assert_eq!((held.dev(), held.ino()), (on_disk.dev(), on_disk.ino()));
+        assert!(
+            held.len() < 400 * 40_000,
+            "checkpoints let SQLite start the WAL over ({} bytes)",
+            held.len()
+        );
         drop(store);
+        let reopened = SqliteStore::open(&path).unwrap();
+        assert_eq!(reopened.count_prefix("c/").unwrap(), 5);
+        drop(reopened);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
@@ -383,7 +451,6 @@ mod tests {
         check_semantics(&mut Store::Sqlite(SqliteStore::open(&path).unwrap()));
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.get("q/3").unwrap(), Some(b"THREE".to_vec()));
-        assert!(reopened.get("host/synced").unwrap().is_some());
         drop(reopened);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));

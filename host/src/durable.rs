@@ -179,3 +179,93 @@ fn flush(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::http::{HttpConfig, Target};
+
+    fn job(id: u64) -> SendJob {
+        SendJob {
+            id,
+            target: Target::unused(),
+            body: b"{}".to_vec(),
+        }
+    }
+
+    fn next(inputs: &Receiver<Input>) -> Input {
+        inputs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the releaser reports")
+    }
+
+    fn dropped_sends(input: Input) -> Vec<u64> {
+        match input {
+            Input::SyncFailed { why, dropped } => {
+                assert!(why.contains("fsync of the WAL failed"), "{why}");
+                dropped
+            }
+            _ => panic!("expected SyncFailed"),
+        }
+    }
+
+    /// When the fsync fails (a pipe cannot be fsynced), the round and every later one are
+    /// failed: accepted enqueues are answered with a storage error, refusals keep their own,
+    /// sends are dropped and named to the engine. After the reset, rounds go out again.
+    #[test]
+    fn a_failed_fsync_lets_nothing_out_until_the_reset() {
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let wal = Arc::new(File::from(OwnedFd::from(writer)));
+        let net = Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap());
+        let (inputs, reports) = mpsc::channel();
+        let releaser = Releaser::start(wal, net, inputs).unwrap();
+
+        let (reply, answer) = oneshot::channel();
+        releaser.submit(Round {
+            sends: vec![job(7)],
+            replies: vec![(reply, Ok(3))],
+            commits: true,
+        });
+        let answer = answer.blocking_recv().unwrap();
+        assert!(
+            matches!(&answer, Err(EnqueueError::Storage(why)) if why.contains("fsync of the WAL failed")),
+            "{answer:?}"
+        );
+        assert_eq!(dropped_sends(next(&reports)), [7]);
+
+        let (accepted, accepted_answer) = oneshot::channel();
+        let (refused, refused_answer) = oneshot::channel();
+        releaser.submit(Round {
+            sends: vec![job(8), job(9)],
+            replies: vec![
+                (accepted, Ok(1)),
+                (refused, Err(EnqueueError::UnknownAppservice("x".into()))),
+            ],
+            commits: false,
+        });
+        assert!(matches!(
+            accepted_answer.blocking_recv().unwrap(),
+            Err(EnqueueError::Storage(_))
+        ));
+        assert_eq!(
+            refused_answer.blocking_recv().unwrap(),
+            Err(EnqueueError::UnknownAppservice("x".into()))
+        );
+        assert_eq!(dropped_sends(next(&reports)), [8, 9]);
+
+        releaser.reset();
+        assert!(matches!(next(&reports), Input::SyncReset));
+        let (reply, answer) = oneshot::channel();
+        releaser.submit(Round {
+            sends: Vec::new(),
+            replies: vec![(reply, Ok(2))],
+            commits: false,
+        });
+        assert_eq!(answer.blocking_recv().unwrap(), Ok(2));
+        drop(releaser);
+        assert!(reports.try_recv().is_err(), "nothing else was reported");
+    }
+}

@@ -50,6 +50,17 @@ pub struct Target {
     bearer: String,
 }
 
+#[cfg(test)]
+impl Target {
+    /// A request no test sends.
+    pub(crate) fn unused() -> Target {
+        Target {
+            url: "http://127.0.0.1:9/".into(),
+            bearer: "Bearer unused".into(),
+        }
+    }
+}
+
 /// A send started by the plugin.
 pub struct SendJob {
     /// Its handle.

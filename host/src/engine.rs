@@ -328,7 +328,7 @@ impl Compiler {
 
 impl Host {
     /// Opens the store, loads the plugin, starts it and the engine thread. Must be called
-    /// inside a tokio runtime, which then runs the sends and timers.
+    /// inside a tokio runtime, which then runs the timers (sends have a runtime of their own).
     pub fn start(config: HostConfig) -> anyhow::Result<(Host, std::thread::JoinHandle<()>)> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(

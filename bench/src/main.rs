@@ -48,7 +48,8 @@ enum Command {
     Suite(SuiteArgs),
     /// The pause a hot swap causes under load.
     Swap,
-    /// One end-to-end throughput run, for profiling (`perf record`).
+    /// One end-to-end throughput run (or, with `--rate`, one latency run), for profiling
+    /// (`perf record`).
     Once {
         /// The store: `file` (durable SQLite) or `memory`.
         #[arg(long, value_enum, default_value_t = OnceStore::File)]
@@ -62,6 +63,10 @@ enum Command {
         /// The receiver's first port.
         #[arg(long, default_value_t = 23100, value_parser = clap::value_parser!(u16).range(1024..=64_535))]
         port: u16,
+        /// Instead of the throughput run: enqueue one event at a time at this many per second
+        /// for 10 seconds, and print the enqueue → arrival latency.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        rate: Option<u32>,
     },
     /// The scheduler core alone, natively and as the component (CPU ns per event).
     Core {
@@ -167,6 +172,7 @@ fn main() -> ExitCode {
             events: count,
             appservices,
             port,
+            rate,
         }) => {
             let store = match store {
                 OnceStore::File => StoreKind::File,
@@ -177,6 +183,22 @@ fn main() -> ExitCode {
                 let receiver = Receiver::start(port, appservices)?;
                 let n = usize::from(appservices);
                 let bench = Bench::start(&work, &receiver, n, n, store);
+                if let Some(rate) = rate {
+                    let l = workloads::latency(
+                        &bench.host,
+                        &receiver,
+                        rate,
+                        Duration::from_secs(10),
+                        n,
+                    )
+                    .await;
+                    bench.stop();
+                    println!(
+                        "{rate} events/s to {appservices} appservice(s), {store:?} store: enqueue -> arrival p50 {:.3} ms, p99 {:.3} ms",
+                        l.p50_ms, l.p99_ms
+                    );
+                    return anyhow::Ok(());
+                }
                 let t = workloads::throughput(
                     &bench.host,
                     &receiver,

@@ -1,4 +1,4 @@
-//! The `asched` command line: `demo`, `serve` and `check-registrations`.
+//! The `asched` command line: `demo`, `serve`, `swap` and `check-registrations`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -9,11 +9,16 @@
 //! one (group commit), and rounds are let out in the order they were made. The store in memory
 //! needs no fsync, so its rounds are let out at once, on the engine's thread.
 //!
-//! If an fsync fails, nothing of that round or of any later one is let out: enqueues are answered
-//! with an error and sends are dropped, each reported to the engine (`Input::SyncFailed`), which
-//! stops the plugin instance and asks for a [`Releaser::reset`]. The reset is confirmed on the
-//! engine's channel (`Input::SyncReset`) after every round before it was reported, so the engine
-//! rebuilds the plugin from the store knowing exactly which sends never went out.
+//! The releaser's first round after it starts is fsynced whatever it carries: a process that
+//! crashed may have left commits in the operating system's cache only, and the new process
+//! must not send what they hold before they are on disk.
+//!
+//! If an fsync fails, the releaser lets nothing out again: that round and every later one are
+//! failed (enqueues answered with an error, sends dropped and named to the engine in
+//! `Input::SyncFailed`), and the engine stops the plugin. There is no retry: on Linux a failed
+//! fsync may already have dropped the unwritten pages, and a later fsync would succeed without
+//! them, so after one failure nothing this process keeps in memory can be trusted to be on
+//! disk. The operator restarts the host once the disk is checked.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use tokio::sync::oneshot;
 
 use crate::engine::{EnqueueError, Input};
 use crate::http::{Net, SendJob};
-use crate::store::sync_wal;
+use crate::store::{StoreError, sync_wal};
 
 /// Where an enqueue's answer goes.
 pub type PendingEnqueue = oneshot::Sender<Result<u32, EnqueueError>>;
@@ -60,14 +65,9 @@ pub fn release(round: Round, net: &Net, inputs: &Sender<Input>) {
     }
 }
 
-enum Message {
-    Round(Round),
-    Reset,
-}
-
 /// The thread that makes rounds durable and lets them out.
 pub struct Releaser {
-    messages: Option<Sender<Message>>,
+    rounds: Option<Sender<Round>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -80,30 +80,31 @@ impl std::fmt::Debug for Releaser {
 impl Releaser {
     /// Starts the thread for the store whose WAL is `wal`.
     pub fn start(wal: Arc<File>, net: Arc<Net>, inputs: Sender<Input>) -> std::io::Result<Self> {
-        let (messages, receiver) = mpsc::channel();
+        Releaser::start_with(move || sync_wal(&wal), net, inputs)
+    }
+
+    /// Starts the thread with `sync` as the fsync that makes every commit so far durable.
+    pub fn start_with(
+        mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+        net: Arc<Net>,
+        inputs: Sender<Input>,
+    ) -> std::io::Result<Self> {
+        let (rounds, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("asched-sync".into())
-            .spawn(move || run(&wal, &net, &inputs, &receiver))?;
+            .spawn(move || run(&mut sync, &net, &inputs, &receiver))?;
         Ok(Releaser {
-            messages: Some(messages),
+            rounds: Some(rounds),
             thread: Some(thread),
         })
     }
 
-    /// Hands over a round; it is let out once every commit before now is durable.
-    pub fn submit(&self, round: Round) {
-        self.send(Message::Round(round));
-    }
-
-    /// Ends the failed state after an fsync failed; confirmed with `Input::SyncReset`.
-    pub fn reset(&self) {
-        self.send(Message::Reset);
-    }
-
-    fn send(&self, message: Message) {
-        if let Some(messages) = &self.messages {
-            // The thread only ends when this handle closes the channel.
-            let _ = messages.send(message);
+    /// Hands over a round; it is let out once every commit before now is durable. Gives the
+    /// round back if the thread is gone.
+    pub fn submit(&self, round: Round) -> Result<(), Round> {
+        match &self.rounds {
+            Some(rounds) => rounds.send(round).map_err(|refused| refused.0),
+            None => Err(round),
         }
     }
 }
@@ -111,28 +112,25 @@ impl Releaser {
 impl Drop for Releaser {
     /// Lets out every round handed over, then stops the thread.
     fn drop(&mut self) {
-        self.messages.take();
+        self.rounds.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn run(wal: &File, net: &Net, inputs: &Sender<Input>, messages: &Receiver<Message>) {
+fn run(
+    sync: &mut dyn FnMut() -> Result<(), StoreError>,
+    net: &Net,
+    inputs: &Sender<Input>,
+    rounds: &Receiver<Round>,
+) {
     let mut failed: Option<String> = None;
-    while let Ok(first) = messages.recv() {
-        let mut rounds = Vec::new();
-        for message in std::iter::once(first).chain(messages.try_iter()) {
-            match message {
-                Message::Round(round) => rounds.push(round),
-                Message::Reset => {
-                    flush(std::mem::take(&mut rounds), &mut failed, wal, net, inputs);
-                    failed = None;
-                    let _ = inputs.send(Input::SyncReset);
-                }
-            }
-        }
-        flush(rounds, &mut failed, wal, net, inputs);
+    let mut first = true;
+    while let Ok(round) = rounds.recv() {
+        let waiting: Vec<Round> = std::iter::once(round).chain(rounds.try_iter()).collect();
+        let needs_sync = std::mem::take(&mut first) || waiting.iter().any(|round| round.commits);
+        flush(waiting, needs_sync, &mut failed, sync, net, inputs);
     }
 }
 
@@ -140,21 +138,22 @@ fn run(wal: &File, net: &Net, inputs: &Sender<Input>, messages: &Receiver<Messag
 /// earlier one failed.
 fn flush(
     rounds: Vec<Round>,
+    needs_sync: bool,
     failed: &mut Option<String>,
-    wal: &File,
+    sync: &mut dyn FnMut() -> Result<(), StoreError>,
     net: &Net,
     inputs: &Sender<Input>,
 ) {
-    if rounds.is_empty() {
-        return;
-    }
     let first_failure = failed.is_none()
-        && rounds.iter().any(|round| round.commits)
-        && match sync_wal(wal) {
+        && needs_sync
+        && match sync() {
             Ok(()) => false,
             Err(error) => {
-                let why = format!("the store could not make its writes durable: {error:?}");
-                tracing::error!(error = %why, "nothing more is acknowledged or sent until the plugin is rebuilt");
+                let why = format!(
+                    "the store could not make its writes durable ({error:?}); nothing more is \
+                     acknowledged or sent: check the disk, then restart the host"
+                );
+                tracing::error!(error = %why, "the store failed");
                 *failed = Some(why);
                 true
             }
@@ -165,6 +164,18 @@ fn flush(
         }
         return;
     };
+    let dropped = fail(rounds, why);
+    if first_failure || !dropped.is_empty() {
+        let _ = inputs.send(Input::SyncFailed {
+            why: why.to_owned(),
+            dropped,
+        });
+    }
+}
+
+/// Answers the rounds' accepted enqueues with a storage error (refusals keep their own) and
+/// drops their sends; returns the sends' handles.
+pub fn fail(rounds: Vec<Round>, why: &str) -> Vec<u64> {
     let mut dropped = Vec::new();
     for round in rounds {
         dropped.extend(round.sends.iter().map(|job| job.id));
@@ -172,12 +183,7 @@ fn flush(
             let _ = reply.send(result.and(Err(EnqueueError::Storage(why.to_owned()))));
         }
     }
-    if first_failure || !dropped.is_empty() {
-        let _ = inputs.send(Input::SyncFailed {
-            why: why.to_owned(),
-            dropped,
-        });
-    }
+    dropped
 }
 
 #[cfg(test)]
@@ -205,47 +211,101 @@ mod tests {
     fn dropped_sends(input: Input) -> Vec<u64> {
         match input {
             Input::SyncFailed { why, dropped } => {
-                assert!(why.contains("fsync of the WAL failed"), "{why}");
+                assert!(
+                    why.contains("EIO") && why.contains("restart the host"),
+                    "{why}"
+                );
                 dropped
             }
             _ => panic!("expected SyncFailed"),
         }
     }
 
-    /// When the fsync fails (a pipe cannot be fsynced), the round and every later one are
-    /// failed: accepted enqueues are answered with a storage error, refusals keep their own,
-    /// sends are dropped and named to the engine. After the reset, rounds go out again.
-    #[test]
-    fn a_failed_fsync_lets_nothing_out_until_the_reset() {
-        let (_reader, writer) = std::io::pipe().unwrap();
-        let wal = Arc::new(File::from(OwnedFd::from(writer)));
+    fn releaser(
+        sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+    ) -> (Releaser, Receiver<Input>) {
         let net = Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap());
         let (inputs, reports) = mpsc::channel();
-        let releaser = Releaser::start(wal, net, inputs).unwrap();
+        (Releaser::start_with(sync, net, inputs).unwrap(), reports)
+    }
+
+    fn round(
+        replies: Vec<(PendingEnqueue, Result<u32, EnqueueError>)>,
+        sends: &[u64],
+        commits: bool,
+    ) -> Round {
+        Round {
+            sends: sends.iter().copied().map(job).collect(),
+            replies,
+            commits,
+        }
+    }
+
+    /// The first round is fsynced whatever it carries (a crashed process may have left commits
+    /// in the cache only); later rounds only when they, or rounds waiting with them, committed.
+    #[test]
+    fn the_first_round_is_fsynced_then_only_rounds_with_commits() {
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let (releaser, _reports) = releaser(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        });
+        let count = || syncs.load(std::sync::atomic::Ordering::SeqCst);
+        for (commits, expected) in [(false, 1), (false, 1), (true, 2), (false, 2)] {
+            let (reply, answer) = oneshot::channel();
+            releaser
+                .submit(round(vec![(reply, Ok(1))], &[], commits))
+                .ok()
+                .unwrap();
+            assert_eq!(answer.blocking_recv().unwrap(), Ok(1));
+            assert_eq!(count(), expected, "after a round with commits: {commits}");
+        }
+    }
+
+    /// After an fsync fails, nothing is let out again and the fsync is not retried: accepted
+    /// enqueues are answered with a storage error, refusals keep their own, sends are dropped
+    /// and named to the engine.
+    #[test]
+    fn a_failed_fsync_lets_nothing_out_again() {
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let (releaser, reports) =
+            releaser(
+                move || match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                    0 => Ok(()),
+                    _ => Err(StoreError::Failed("EIO".into())),
+                },
+            );
+        let (reply, answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(reply, Ok(3))], &[], true))
+            .ok()
+            .unwrap();
+        assert_eq!(answer.blocking_recv().unwrap(), Ok(3));
 
         let (reply, answer) = oneshot::channel();
-        releaser.submit(Round {
-            sends: vec![job(7)],
-            replies: vec![(reply, Ok(3))],
-            commits: true,
-        });
+        releaser
+            .submit(round(vec![(reply, Ok(3))], &[7], true))
+            .ok()
+            .unwrap();
         let answer = answer.blocking_recv().unwrap();
         assert!(
-            matches!(&answer, Err(EnqueueError::Storage(why)) if why.contains("fsync of the WAL failed")),
+            matches!(&answer, Err(EnqueueError::Storage(why)) if why.contains("restart the host")),
             "{answer:?}"
         );
         assert_eq!(dropped_sends(next(&reports)), [7]);
 
         let (accepted, accepted_answer) = oneshot::channel();
         let (refused, refused_answer) = oneshot::channel();
-        releaser.submit(Round {
-            sends: vec![job(8), job(9)],
-            replies: vec![
-                (accepted, Ok(1)),
-                (refused, Err(EnqueueError::UnknownAppservice("x".into()))),
-            ],
-            commits: false,
-        });
+        let replies = vec![
+            (accepted, Ok(1)),
+            (refused, Err(EnqueueError::UnknownAppservice("x".into()))),
+        ];
+        releaser
+            .submit(round(replies, &[8, 9], false))
+            .ok()
+            .unwrap();
         assert!(matches!(
             accepted_answer.blocking_recv().unwrap(),
             Err(EnqueueError::Storage(_))
@@ -256,16 +316,47 @@ mod tests {
         );
         assert_eq!(dropped_sends(next(&reports)), [8, 9]);
 
-        releaser.reset();
-        assert!(matches!(next(&reports), Input::SyncReset));
         let (reply, answer) = oneshot::channel();
-        releaser.submit(Round {
-            sends: Vec::new(),
-            replies: vec![(reply, Ok(2))],
-            commits: false,
-        });
-        assert_eq!(answer.blocking_recv().unwrap(), Ok(2));
+        releaser
+            .submit(round(vec![(reply, Ok(2))], &[], true))
+            .ok()
+            .unwrap();
+        assert!(matches!(
+            answer.blocking_recv().unwrap(),
+            Err(EnqueueError::Storage(_))
+        ));
         drop(releaser);
+        assert_eq!(
+            syncs.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "no retry"
+        );
         assert!(reports.try_recv().is_err(), "nothing else was reported");
+    }
+
+    /// The real fsync of a file that cannot be fsynced (a pipe) fails the first round.
+    #[test]
+    fn an_unsyncable_wal_fails_the_first_round() {
+        let (_reader, writer) = std::io::pipe().unwrap();
+        let wal = Arc::new(File::from(OwnedFd::from(writer)));
+        let net = Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap());
+        let (inputs, reports) = mpsc::channel();
+        let releaser = Releaser::start(wal, net, inputs).unwrap();
+        let (reply, answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(reply, Ok(1))], &[5], false))
+            .ok()
+            .unwrap();
+        assert!(matches!(
+            answer.blocking_recv().unwrap(),
+            Err(EnqueueError::Storage(_))
+        ));
+        match next(&reports) {
+            Input::SyncFailed { why, dropped } => {
+                assert!(why.contains("fsync of the WAL failed"), "{why}");
+                assert_eq!(dropped, [5]);
+            }
+            _ => panic!("expected SyncFailed"),
+        }
     }
 }

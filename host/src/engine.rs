@@ -1,10 +1,11 @@
 //! The engine: one thread that owns the plugin instance and feeds it every input in order.
 //!
 //! Requests (enqueue, force retry, status, swap), send outcomes and timers arrive on one
-//! channel. The thread takes everything waiting (a round), hands all its enqueues to the plugin
-//! in one call (so they share one commit), then the other inputs, and ticks the plugin about
-//! once a second. The round's enqueue answers and the transactions it formed are handed to the
-//! releaser, which lets them out once an fsync has made the round's commits durable, while this
+//! channel. The thread takes everything waiting (a round) and hands the plugin its send outcomes
+//! first (an appservice that answered is the one waiting), then all its enqueues in one call (so
+//! they share one commit), then the other inputs, and ticks the plugin about once a second.
+//! What a round decided (enqueue answers, the transactions it formed) is handed to the
+//! releaser, which lets it out once an fsync has made the round's commits durable, while this
 //! thread goes on with the next round (group commit; see [`crate::durable`]).
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
@@ -20,6 +21,9 @@
 //!   arrive meanwhile are kept and delivered to the new instance. A build that keeps failing is
 //!   held back with a growing delay (visible in [`PluginStatus`]); enqueues are refused, not
 //!   lost, while it is.
+//! - **The store.** If an fsync fails, nothing more is acknowledged or sent and the instance
+//!   is stopped for the rest of the process (status `stopped`): after a failed fsync the
+//!   operating system may have dropped the unwritten pages, so no retry could be trusted.
 //! - **Swaps.** A new component is compiled and type-checked by the caller's thread (off the
 //!   engine's path), then cut over between two rounds: the old instance is dropped, the new one
 //!   starts with the sends in flight. Enqueues that arrive during the swap wait in the channel.
@@ -43,10 +47,6 @@ use crate::store::{MemoryStore, SqliteStore, Store};
 
 /// How often the plugin is ticked.
 pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How long the engine waits before rebuilding the plugin after the store failed to make a
-/// round durable.
-const STORE_SYNC_RETRY: Duration = Duration::from_secs(1);
 
 /// The most inputs taken in one round, so replies keep flowing under a flood.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
@@ -205,8 +205,9 @@ impl AppserviceStatus {
 pub struct PluginStatus {
     /// SHA-256 of the running build.
     pub sha256: String,
-    /// `running`, `probation` (swapped in recently, the previous build kept for rollback) or
-    /// `held-back` (failing repeatedly; rebuilt after `next_rebuild_in_ms`).
+    /// `running`, `probation` (swapped in recently, the previous build kept for rollback),
+    /// `held-back` (failing repeatedly; rebuilt after `next_rebuild_in_ms`) or `stopped` (the
+    /// store could not make its writes durable; see `last_failure`, restart the host).
     pub state: &'static str,
     /// Builds swapped in since the host started.
     pub swaps: u64,
@@ -283,16 +284,14 @@ pub enum Input {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<SwapReport, String>>,
     },
-    /// The store could not make a round durable: nothing of it was let out (see
-    /// [`crate::durable`]).
+    /// The store could not make a round durable: nothing of it, or of any later round, is let
+    /// out (see [`crate::durable`]).
     SyncFailed {
         /// Why.
         why: String,
         /// The sends that were dropped instead of started.
         dropped: Vec<u64>,
     },
-    /// Every round handed to the releaser before its reset has been reported.
-    SyncReset,
     /// Stop the thread.
     Shutdown,
 }
@@ -406,7 +405,7 @@ impl Host {
             next_rebuild_at: None,
             replies: Vec::new(),
             releaser,
-            awaiting_sync_reset: false,
+            store_failed: false,
             _data_lock: data_lock,
         };
         let instance = engine
@@ -568,13 +567,11 @@ struct EngineThread {
     /// Lets rounds out once their commits are durable (`None` for the store in memory, whose
     /// rounds go out at once).
     releaser: Option<Releaser>,
-    /// An fsync failed: the instance is stopped until the releaser confirms its reset.
-    awaiting_sync_reset: bool,
+    /// An fsync failed: the instance is stopped for the rest of the process's life.
+    store_failed: bool,
     /// Held for the engine's life: no other host may use the same store meanwhile.
     _data_lock: std::fs::File,
 }
-
-/// A request waiting for the plugin's answer to a combined enqueue.
 
 impl EngineThread {
     /// Instantiates `plugin` and calls its `start`, handing over the sends still in flight.
@@ -670,14 +667,20 @@ impl EngineThread {
             return;
         }
         if let Some(releaser) = &self.releaser {
-            releaser.submit(round);
+            if let Err(round) = releaser.submit(round) {
+                let why = "the thread that makes the store's writes durable has stopped; \
+                           restart the host";
+                let dropped = durable::fail(vec![round], why);
+                self.sync_failed(why.to_owned(), dropped);
+            }
         } else if let Some(io) = self.io() {
             durable::release(round, &io.net, &io.inputs);
         }
     }
 
-    /// The releaser could not make rounds durable: forgets the sends it dropped, and stops the
-    /// instance until the releaser has reported every round it failed.
+    /// The releaser could not make rounds durable: forgets the sends it dropped and stops the
+    /// instance for good. Nothing this process holds can be trusted to be on disk any more (see
+    /// [`crate::durable`]); enqueues are refused until the host is restarted.
     fn sync_failed(&mut self, why: String, dropped: Vec<u64>) {
         if let Some(io) = self.io() {
             for id in dropped {
@@ -685,16 +688,13 @@ impl EngineThread {
             }
         }
         self.park_instance();
-        if self.awaiting_sync_reset {
+        if self.store_failed {
             return;
         }
-        tracing::error!(error = %why, "rebuilding the plugin from the store once the failed rounds are reported");
-        self.awaiting_sync_reset = true;
+        tracing::error!(error = %why, "the plugin is stopped until the host is restarted");
+        self.store_failed = true;
         self.status.last_failure = Some(why);
         self.next_rebuild_at = None;
-        if let Some(releaser) = &self.releaser {
-            releaser.reset();
-        }
     }
 
     /// Processes one round of inputs; returns false when asked to stop.
@@ -759,10 +759,6 @@ impl EngineThread {
                     let _ = reply.send(self.swap(Arc::from(plugin)));
                 }
                 Input::SyncFailed { why, dropped } => self.sync_failed(why, dropped),
-                Input::SyncReset => {
-                    self.awaiting_sync_reset = false;
-                    self.next_rebuild_at = Some(Instant::now() + STORE_SYNC_RETRY);
-                }
                 Input::Enqueue { .. } => unreachable!("enqueues were separated above"),
                 Input::Shutdown => return false,
             }
@@ -817,6 +813,13 @@ impl EngineThread {
 
     /// The error for a request the plugin could not answer.
     fn not_running(&self) -> EnqueueError {
+        if self.store_failed {
+            return EnqueueError::Storage(
+                "the store could not make its writes durable; nothing is acknowledged until \
+                 the host is restarted"
+                    .into(),
+            );
+        }
         let why = match self.next_rebuild_at {
             Some(at) => format!(
                 "the plugin is held back after repeated failures (next attempt in {} ms); nothing was stored, retry later",
@@ -934,6 +937,9 @@ impl EngineThread {
     /// outcomes that arrived meanwhile.
     fn rebuild(&mut self) {
         self.next_rebuild_at = None;
+        if self.store_failed {
+            return;
+        }
         let Some(io) = self.parked.take() else { return };
         match self.start_instance(&self.running.clone(), io) {
             Ok(instance) => {
@@ -953,12 +959,8 @@ impl EngineThread {
 
     /// Cuts over to `plugin`; restores the running build if the new one does not start.
     fn swap(&mut self, plugin: Arc<LoadedPlugin>) -> Result<SwapReport, String> {
-        if self.awaiting_sync_reset {
-            return Err(
-                "the store could not make its writes durable; the plugin is rebuilt \
-                 from the store in a moment, swap then"
-                    .into(),
-            );
+        if self.store_failed {
+            return Err("the store could not make its writes durable; restart the host".into());
         }
         let started = Instant::now();
         let io = match self.instance.take() {
@@ -1021,6 +1023,7 @@ impl EngineThread {
             .io()
             .map_or((0, 0), |io| (io.timers.len(), io.in_flight.len()));
         let state = match (self.instance.is_some(), self.in_probation()) {
+            (false, _) if self.store_failed => "stopped",
             (false, _) => "held-back",
             (true, true) => "probation",
             (true, false) => "running",

@@ -201,8 +201,14 @@ impl Net {
             .header(reqwest::header::AUTHORIZATION, &target.bearer)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        self.runtime.handle().spawn(async move {
-            done(exchange(request).await);
+        let runtime = self.runtime.handle().clone();
+        runtime.clone().spawn(async move {
+            // A panic in the HTTP stack ends only the inner task; the send still reports.
+            let outcome = match runtime.spawn(exchange(request)).await {
+                Ok(outcome) => outcome,
+                Err(error) => SendOutcome::ConnectionLost(format!("the HTTP task ended: {error}")),
+            };
+            done(outcome);
         });
     }
 }

@@ -32,7 +32,8 @@ pub use exports::asched::scheduler::scheduler as api;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The most wall time one export call may take before it is interrupted: a plugin stuck in a
-/// loop must not stall the host. Generous, because a call may wait on an fsync.
+/// loop must not stall the host. Generous, because a commit may run a checkpoint, which
+/// fsyncs.
 pub const CALL_DEADLINE_TICKS: u64 = 1_000;
 
 /// The most linear memory a plugin instance may use. The scheduler keeps its backlog in the
@@ -53,7 +54,7 @@ pub struct Io {
     /// Sends started and not yet finished: handle → (appservice, txn id).
     pub in_flight: BTreeMap<u64, (String, String)>,
     /// Sends the plugin started in this round: they go out once the round's commits are
-    /// durable ([`Io::start_pending_sends`]).
+    /// durable ([`Io::take_pending_sends`]).
     pub pending_sends: Vec<(SendJob, String, String)>,
     /// Pending timers.
     pub timers: HashMap<u64, tokio::task::AbortHandle>,

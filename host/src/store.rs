@@ -76,11 +76,17 @@ impl SqliteStore {
              PRAGMA synchronous=NORMAL;",
         )
         .with_context(|| format!("cannot prepare the SQLite store {}", path.display()))?;
-        let wal_path = wal_path(path);
+        // The database's name as SQLite resolved it (symbolic links followed): its WAL is there.
+        let db_path = conn
+            .path()
+            .map_or_else(|| path.to_owned(), std::path::PathBuf::from);
+        let wal_path = wal_path(&db_path);
         let wal = File::open(&wal_path)
             .with_context(|| format!("cannot open the WAL {}", wal_path.display()))?;
-        // The WAL's name in its folder must survive a crash too.
-        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        // Commits an earlier process left in the operating system's cache only are made
+        // durable before anything is read from them, and the WAL's name in its folder too.
+        sync_wal(&wal).map_err(|error| anyhow::anyhow!("{}: {error:?}", wal_path.display()))?;
+        if let Some(dir) = db_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             File::open(dir)
                 .and_then(|dir| dir.sync_all())
                 .with_context(|| format!("cannot sync the folder {}", dir.display()))?;
@@ -314,7 +320,8 @@ impl Store {
         }
     }
 
-    /// Applies `writes` atomically; on SQLite they are durable after the next [`Store::sync`].
+    /// Applies `writes` atomically; on SQLite they are durable after the next fsync of the WAL
+    /// ([`Store::sync`], or the releaser's; see [`crate::durable`]).
     pub fn commit(&mut self, writes: Vec<Write>) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(store) => store.commit(&writes),

@@ -40,7 +40,7 @@ pub struct Round {
     pub sends: Vec<SendJob>,
     /// The enqueue answers.
     pub replies: Vec<(PendingEnqueue, Result<u32, EnqueueError>)>,
-    /// Whether the round (or one before it) committed anything not yet made durable.
+    /// Whether the round committed anything (its commits are not yet durable).
     pub commits: bool,
 }
 

@@ -652,16 +652,16 @@ impl EngineThread {
     /// [`crate::durable`]).
     fn finish_round(&mut self) {
         let replies = std::mem::take(&mut self.replies);
-        let Some(io) = self.io() else {
-            for (reply, result) in replies {
-                let _ = reply.send(result);
-            }
-            return;
-        };
-        let round = Round {
-            sends: io.take_pending_sends(),
-            replies,
-            commits: io.store.take_unsynced(),
+        let round = match self.io() {
+            Some(io) => Round {
+                sends: io.take_pending_sends(),
+                replies,
+                commits: io.store.take_unsynced(),
+            },
+            None => Round {
+                replies,
+                ..Round::default()
+            },
         };
         if round.is_empty() {
             return;
@@ -675,6 +675,10 @@ impl EngineThread {
             }
         } else if let Some(io) = self.io() {
             durable::release(round, &io.net, &io.inputs);
+        } else {
+            for (reply, result) in round.replies {
+                let _ = reply.send(result);
+            }
         }
     }
 

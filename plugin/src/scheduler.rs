@@ -850,7 +850,7 @@ impl Scheduler {
         } else {
             // The chunks left in the store start where the delivered transaction's last chunk
             // does (unknown for a transaction stored by an earlier build).
-            let first_chunk = txn.keep_from.map_or(0, |_| txn.keep_from());
+            let first_chunk = txn.keep_from.unwrap_or(0);
             self.prepare_txn(fx, id, &mut record, first_chunk).ok()
         };
         let a = &self.appservices[id];

@@ -128,7 +128,7 @@ struct SuiteArgs {
     synapse_driver: PathBuf,
     /// Create the Python environment of `--synapse-python` (a virtualenv two folders above it)
     /// and install matrix-synapse 1.163.2 into it first.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_synapse")]
     install_synapse: bool,
     /// Skip Synapse even when it is available.
     #[arg(long)]
@@ -455,6 +455,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
     }
 
     let mut s = Samples::default();
+    let mut synapse_failures: Vec<String> = Vec::new();
     let load = |n: usize, tag: &str| events(n, tag);
     let main_events = load(args.events, "ev");
     let txn_body = format!("{{\"events\":[{}]}}", main_events[..100].join(",")).into_bytes();
@@ -506,7 +507,10 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
                         s.add("synapse a cpu", r.cpu_us_per_event);
                     }
                     Ok(r) => s.add("synapse b", r.events_per_s),
-                    Err(error) => eprintln!("synapse {workload}: {error}"),
+                    Err(error) => {
+                        eprintln!("synapse {workload}: {error}");
+                        synapse_failures.push(format!("{workload}: {error}"));
+                    }
                 }
             }
         }
@@ -604,6 +608,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         args,
         &s,
         synapse.as_ref().err(),
+        &synapse_failures,
         &backlogs,
         started.elapsed(),
     );
@@ -614,6 +619,7 @@ fn print_report(
     args: &SuiteArgs,
     s: &Samples,
     synapse_missing: Option<&String>,
+    synapse_failures: &[String],
     backlogs: &[usize],
     took: Duration,
 ) {
@@ -647,6 +653,13 @@ fn print_report(
             args.synapse_python.display()
         ),
         Some(why) => println!("- Synapse: NOT measured in this run: {why}"),
+    }
+    if let Some(first) = synapse_failures.first() {
+        println!(
+            "- Synapse: {} of its {} runs FAILED (the first: {first}); its figures are of the runs that did not",
+            synapse_failures.len(),
+            3 * args.runs
+        );
     }
     println!();
     println!("## References measured in this run");
@@ -926,6 +939,17 @@ mod tests {
     }
 
     /// Median, min and max of an odd and an even number of runs.
+    /// Installing Synapse and skipping it contradict each other; the suite refuses both.
+    #[test]
+    fn install_synapse_conflicts_with_no_synapse() {
+        use clap::Parser as _;
+        let error = Cli::try_parse_from(["asched-bench", "--install-synapse", "--no-synapse"])
+            .err()
+            .expect("refused");
+        assert_eq!(error.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(Cli::try_parse_from(["asched-bench", "--install-synapse"]).is_ok());
+    }
+
     #[test]
     fn spread_takes_median_min_and_max() {
         let odd = spread(&[3.0, 1.0, 2.0]).expect("values");

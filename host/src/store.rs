@@ -47,7 +47,7 @@ pub enum Write {
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
-    /// Commits since the last [`SqliteStore::sync`] or [`SqliteStore::take_unsynced`].
+    /// Commits since the last [`SqliteStore::take_unsynced`].
     unsynced: bool,
     /// The WAL file, opened once more: an fsync through it makes every frame SQLite wrote
     /// before durable (`None` for a database in memory).
@@ -118,8 +118,8 @@ impl SqliteStore {
         self.wal.clone()
     }
 
-    /// Whether anything was committed since the last call (or [`SqliteStore::sync`]): the
-    /// caller takes over making it durable.
+    /// Whether anything was committed since the last call: the caller takes over making it
+    /// durable.
     pub fn take_unsynced(&mut self) -> bool {
         std::mem::take(&mut self.unsynced)
     }
@@ -156,8 +156,8 @@ impl SqliteStore {
         rows.collect::<Result<_, _>>().map_err(map_error)
     }
 
-    /// Applies `writes` as one atomic transaction; it is durable once [`SqliteStore::sync`]
-    /// returns.
+    /// Applies `writes` as one atomic transaction; it is durable once the WAL is fsynced
+    /// ([`sync_wal`]).
     pub fn commit(&mut self, writes: &[Write]) -> Result<(), StoreError> {
         self.unsynced = true;
         let tx = self
@@ -184,19 +184,6 @@ impl SqliteStore {
             }
         }
         tx.commit().map_err(map_error)
-    }
-
-    /// Makes every commit so far durable, on this thread. Does nothing when nothing was
-    /// committed since the last call.
-    pub fn sync(&mut self) -> Result<(), StoreError> {
-        if !self.unsynced {
-            return Ok(());
-        }
-        if let Some(wal) = &self.wal {
-            sync_wal(wal)?;
-        }
-        self.unsynced = false;
-        Ok(())
     }
 
     /// The number of keys with `prefix`, for tests and diagnostics.
@@ -296,15 +283,7 @@ impl Store {
         }
     }
 
-    /// Makes every commit so far durable (nothing to do in memory).
-    pub fn sync(&mut self) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(store) => store.sync(),
-            Store::Memory(_) => Ok(()),
-        }
-    }
-
-    /// Whether anything was committed since the last call or sync (never, in memory).
+    /// Whether anything was committed since the last call (never, in memory).
     pub fn take_unsynced(&mut self) -> bool {
         match self {
             Store::Sqlite(store) => store.take_unsynced(),
@@ -321,7 +300,7 @@ impl Store {
     }
 
     /// Applies `writes` atomically; on SQLite they are durable after the next fsync of the WAL
-    /// ([`Store::sync`], or the releaser's; see [`crate::durable`]).
+    /// (the releaser's; see [`crate::durable`]).
     pub fn commit(&mut self, writes: Vec<Write>) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(store) => store.commit(&writes),
@@ -394,7 +373,10 @@ mod tests {
         );
         assert_eq!(store.get("r").unwrap(), None);
         assert_eq!(store.get("q/3").unwrap(), Some(b"THREE".to_vec()));
-        store.sync().unwrap();
+        assert_eq!(store.take_unsynced(), store.wal().is_some());
+        if let Some(wal) = store.wal() {
+            sync_wal(&wal).unwrap();
+        }
     }
 
     /// The file a sync flushes is the WAL SQLite writes to, still after checkpoints have
@@ -417,14 +399,9 @@ mod tests {
                     Write::DeleteRange("c/".into(), format!("c/{:04}", n.max(4) - 4)),
                 ])
                 .unwrap();
-            if n % 2 == 0 {
-                store.sync().unwrap();
-                assert!(!store.take_unsynced(), "a sync leaves nothing unsynced");
-            } else {
-                assert!(store.take_unsynced(), "a commit is unsynced until taken");
-                assert!(!store.take_unsynced(), "taken once");
-                sync_wal(&wal).unwrap();
-            }
+            assert!(store.take_unsynced(), "a commit is unsynced until taken");
+            assert!(!store.take_unsynced(), "taken once");
+            sync_wal(&wal).unwrap();
         }
         let on_disk = std::fs::metadata(wal_path(&path)).unwrap();
         let held = wal.metadata().unwrap();

@@ -83,9 +83,9 @@ impl SqliteStore {
         let wal_path = wal_path(&db_path);
         let wal = File::open(&wal_path)
             .with_context(|| format!("cannot open the WAL {}", wal_path.display()))?;
-        // Commits an earlier process left in the operating system's cache only are made
-        // durable before anything is read from them, and the WAL's name in its folder too.
-        sync_wal(&wal).map_err(|error| anyhow::anyhow!("{}: {error:?}", wal_path.display()))?;
+        // The WAL's name in its folder must survive a crash too. (Commits an earlier process
+        // left in the operating system's cache only are made durable by the releaser's first
+        // fsync, before anything that depends on them leaves; see `crate::durable`.)
         if let Some(dir) = db_path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
             File::open(dir)
                 .and_then(|dir| dir.sync_all())

@@ -189,6 +189,7 @@ pub fn fail(rounds: Vec<Round>, why: &str) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use std::os::fd::OwnedFd;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use super::*;
@@ -221,12 +222,25 @@ mod tests {
         }
     }
 
-    fn releaser(
-        sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
-    ) -> (Releaser, Receiver<Input>) {
-        let net = Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap());
+    fn net() -> Arc<Net> {
+        Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap())
+    }
+
+    /// A releaser whose first `good` fsyncs succeed and every later one fails with "EIO"; the
+    /// engine's side of its channel; and the number of fsyncs so far.
+    fn releaser(good: usize) -> (Releaser, Receiver<Input>, Arc<AtomicUsize>) {
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let sync = move || {
+            if counted.fetch_add(1, Ordering::SeqCst) < good {
+                Ok(())
+            } else {
+                Err(StoreError::Failed("EIO".into()))
+            }
+        };
         let (inputs, reports) = mpsc::channel();
-        (Releaser::start_with(sync, net, inputs).unwrap(), reports)
+        let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+        (releaser, reports, syncs)
     }
 
     fn round(
@@ -241,24 +255,31 @@ mod tests {
         }
     }
 
+    /// Hands over a round of one enqueue answered `result` and these sends; waits for the
+    /// answer the caller gets.
+    fn answer_to(
+        releaser: &Releaser,
+        result: Result<u32, EnqueueError>,
+        sends: &[u64],
+        commits: bool,
+    ) -> Result<u32, EnqueueError> {
+        let (reply, answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(reply, result)], sends, commits))
+            .ok()
+            .unwrap();
+        answer.blocking_recv().unwrap()
+    }
+
     /// The first round is fsynced whatever it carries (a crashed process may have left commits
     /// in the cache only); later rounds only when they, or rounds waiting with them, committed.
     #[test]
     fn the_first_round_is_fsynced_then_only_rounds_with_commits() {
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let (releaser, _reports) = releaser(move || {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        });
-        let count = || syncs.load(std::sync::atomic::Ordering::SeqCst);
+        let (releaser, _reports, syncs) = releaser(usize::MAX);
+        let count = || syncs.load(Ordering::SeqCst);
         for (commits, expected) in [(false, 1), (false, 1), (true, 2), (false, 2)] {
-            let (reply, answer) = oneshot::channel();
-            releaser
-                .submit(round(vec![(reply, Ok(1))], &[], commits))
-                .ok()
-                .unwrap();
-            assert_eq!(answer.blocking_recv().unwrap(), Ok(1));
+            let answer = answer_to(&releaser, Ok(1), &[], commits);
+            assert_eq!(answer, Ok(1));
             assert_eq!(count(), expected, "after a round with commits: {commits}");
         }
     }
@@ -268,28 +289,11 @@ mod tests {
     /// and named to the engine.
     #[test]
     fn a_failed_fsync_lets_nothing_out_again() {
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let (releaser, reports) =
-            releaser(
-                move || match counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-                    0 => Ok(()),
-                    _ => Err(StoreError::Failed("EIO".into())),
-                },
-            );
-        let (reply, answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(reply, Ok(3))], &[], true))
-            .ok()
-            .unwrap();
-        assert_eq!(answer.blocking_recv().unwrap(), Ok(3));
+        let (releaser, reports, syncs) = releaser(1);
+        let answer = answer_to(&releaser, Ok(3), &[], true);
+        assert_eq!(answer, Ok(3));
 
-        let (reply, answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(reply, Ok(3))], &[7], true))
-            .ok()
-            .unwrap();
-        let answer = answer.blocking_recv().unwrap();
+        let answer = answer_to(&releaser, Ok(3), &[7], true);
         assert!(
             matches!(&answer, Err(EnqueueError::Storage(why)) if why.contains("restart the host")),
             "{answer:?}"
@@ -316,21 +320,10 @@ mod tests {
         );
         assert_eq!(dropped_sends(next(&reports)), [8, 9]);
 
-        let (reply, answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(reply, Ok(2))], &[], true))
-            .ok()
-            .unwrap();
-        assert!(matches!(
-            answer.blocking_recv().unwrap(),
-            Err(EnqueueError::Storage(_))
-        ));
+        let answer = answer_to(&releaser, Ok(2), &[], true);
+        assert!(matches!(answer, Err(EnqueueError::Storage(_))));
         drop(releaser);
-        assert_eq!(
-            syncs.load(std::sync::atomic::Ordering::SeqCst),
-            2,
-            "no retry"
-        );
+        assert_eq!(syncs.load(Ordering::SeqCst), 2, "no retry");
         assert!(reports.try_recv().is_err(), "nothing else was reported");
     }
 
@@ -339,18 +332,10 @@ mod tests {
     fn an_unsyncable_wal_fails_the_first_round() {
         let (_reader, writer) = std::io::pipe().unwrap();
         let wal = Arc::new(File::from(OwnedFd::from(writer)));
-        let net = Arc::new(Net::new(&HttpConfig::default(), &[], &[]).unwrap());
         let (inputs, reports) = mpsc::channel();
-        let releaser = Releaser::start(wal, net, inputs).unwrap();
-        let (reply, answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(reply, Ok(1))], &[5], false))
-            .ok()
-            .unwrap();
-        assert!(matches!(
-            answer.blocking_recv().unwrap(),
-            Err(EnqueueError::Storage(_))
-        ));
+        let releaser = Releaser::start(wal, net(), inputs).unwrap();
+        let answer = answer_to(&releaser, Ok(1), &[5], false);
+        assert!(matches!(answer, Err(EnqueueError::Storage(_))));
         match next(&reports) {
             Input::SyncFailed { why, dropped } => {
                 assert!(why.contains("fsync of the WAL failed"), "{why}");

@@ -95,7 +95,7 @@ impl Effects for World {
         Ok(())
     }
 
-    fn start_send(&mut self, _: &str, _: &str, _: &[u8], _: bool) -> Result<u64, String> {
+    fn start_send(&mut self, _: &str, _: &str, _: &[u8]) -> Result<u64, String> {
         Ok(self.send())
     }
 
@@ -180,7 +180,6 @@ impl http_send::Host for State {
         _: String,
         _: String,
         _: Vec<u8>,
-        _: bool,
     ) -> Result<u64, http_send::SendRefused> {
         Ok(self.world.send())
     }

@@ -13,12 +13,6 @@
 //! crashed may have left commits in the operating system's cache only, and the new process
 //! must not send what they hold before they are on disk.
 //!
-//! A send of a transaction stored before its call began (`stored-earlier`, the plugin's
-//! following transaction) depends on earlier rounds only. The engine starts it at once when the
-//! releaser has published (through [`RoundClock`](crate::runtime::RoundClock)) that every round
-//! handed over is durable; otherwise it rides in its round's `early_sends`, which the releaser
-//! lets out as soon as the rounds before are durable, before that round's own fsync.
-//!
 //! If an fsync fails, the releaser lets nothing out again: that round and every later one are
 //! failed (enqueues answered with an error, sends dropped and named to the engine in
 //! `Input::SyncFailed`), and the engine stops the plugin. There is no retry: on Linux a failed
@@ -28,7 +22,6 @@
 
 use std::fs::File;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 
 use tokio::sync::oneshot;
@@ -43,10 +36,6 @@ pub type PendingEnqueue = oneshot::Sender<Result<u32, EnqueueError>>;
 /// What one round of the engine decided.
 #[derive(Default)]
 pub struct Round {
-    /// Its number, from 1 in the order rounds are handed over (0 when it is let out at once).
-    pub seq: u64,
-    /// Transactions to send once the rounds before are durable.
-    pub early_sends: Vec<SendJob>,
     /// The transactions to send.
     pub sends: Vec<SendJob>,
     /// The enqueue answers.
@@ -58,26 +47,18 @@ pub struct Round {
 impl Round {
     /// Whether there is nothing to let out and nothing to make durable.
     pub fn is_empty(&self) -> bool {
-        self.early_sends.is_empty()
-            && self.sends.is_empty()
-            && self.replies.is_empty()
-            && !self.commits
+        self.sends.is_empty() && self.replies.is_empty() && !self.commits
     }
 }
 
-/// Starts a send that reports its outcome to `inputs`.
-pub fn start_send(job: SendJob, net: &Net, inputs: &Sender<Input>) {
-    let inputs = inputs.clone();
-    let id = job.id;
-    net.start(job.target, job.body, move |outcome| {
-        let _ = inputs.send(Input::SendFinished { id, outcome });
-    });
-}
-
-/// Starts a round's sends, then answers its enqueues.
+/// Starts a round's sends, each reporting its outcome to `inputs`, then answers its enqueues.
 pub fn release(round: Round, net: &Net, inputs: &Sender<Input>) {
-    for job in round.early_sends.into_iter().chain(round.sends) {
-        start_send(job, net, inputs);
+    for job in round.sends {
+        let inputs = inputs.clone();
+        let id = job.id;
+        net.start(job.target, job.body, move |outcome| {
+            let _ = inputs.send(Input::SendFinished { id, outcome });
+        });
     }
     for (reply, result) in round.replies {
         let _ = reply.send(result);
@@ -97,15 +78,9 @@ impl std::fmt::Debug for Releaser {
 }
 
 impl Releaser {
-    /// Starts the thread for the store whose WAL is `wal`; it publishes in `synced` the last
-    /// round it made durable.
-    pub fn start(
-        wal: Arc<File>,
-        net: Arc<Net>,
-        inputs: Sender<Input>,
-        synced: Arc<AtomicU64>,
-    ) -> std::io::Result<Self> {
-        Releaser::start_with(move || sync_wal(&wal), net, inputs, synced)
+    /// Starts the thread for the store whose WAL is `wal`.
+    pub fn start(wal: Arc<File>, net: Arc<Net>, inputs: Sender<Input>) -> std::io::Result<Self> {
+        Releaser::start_with(move || sync_wal(&wal), net, inputs)
     }
 
     /// Starts the thread with `sync` as the fsync that makes every commit so far durable.
@@ -113,12 +88,11 @@ impl Releaser {
         mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
         net: Arc<Net>,
         inputs: Sender<Input>,
-        synced: Arc<AtomicU64>,
     ) -> std::io::Result<Self> {
         let (rounds, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("asched-sync".into())
-            .spawn(move || run(&mut sync, &net, &inputs, &receiver, &synced))?;
+            .spawn(move || run(&mut sync, &net, &inputs, &receiver))?;
         Ok(Releaser {
             rounds: Some(rounds),
             thread: Some(thread),
@@ -150,25 +124,13 @@ fn run(
     net: &Net,
     inputs: &Sender<Input>,
     rounds: &Receiver<Round>,
-    synced: &AtomicU64,
 ) {
     let mut failed: Option<String> = None;
     let mut first = true;
     while let Ok(round) = rounds.recv() {
-        let mut waiting: Vec<Round> = std::iter::once(round).chain(rounds.try_iter()).collect();
-        // Every round before the first one waiting is durable (rounds are let out in order),
-        // so its early sends can go before the fsync; those of later rounds wait for it.
-        if !first && failed.is_none() {
-            for job in std::mem::take(&mut waiting[0].early_sends) {
-                start_send(job, net, inputs);
-            }
-        }
+        let waiting: Vec<Round> = std::iter::once(round).chain(rounds.try_iter()).collect();
         let needs_sync = std::mem::take(&mut first) || waiting.iter().any(|round| round.commits);
-        let last = waiting.last().map_or(0, |round| round.seq);
         flush(waiting, needs_sync, &mut failed, sync, net, inputs);
-        if failed.is_none() {
-            synced.fetch_max(last, Ordering::Release);
-        }
     }
 }
 
@@ -216,7 +178,6 @@ fn flush(
 pub fn fail(rounds: Vec<Round>, why: &str) -> Vec<u64> {
     let mut dropped = Vec::new();
     for round in rounds {
-        dropped.extend(round.early_sends.iter().map(|job| job.id));
         dropped.extend(round.sends.iter().map(|job| job.id));
         for (reply, result) in round.replies {
             let _ = reply.send(result.and(Err(EnqueueError::Storage(why.to_owned()))));
@@ -278,8 +239,7 @@ mod tests {
             }
         };
         let (inputs, reports) = mpsc::channel();
-        let synced = Arc::new(AtomicU64::new(0));
-        let releaser = Releaser::start_with(sync, net(), inputs, synced).unwrap();
+        let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
         (releaser, reports, syncs)
     }
 
@@ -292,59 +252,7 @@ mod tests {
             sends: sends.iter().copied().map(job).collect(),
             replies,
             commits,
-            ..Round::default()
         }
-    }
-
-    /// The handle of a send whose outcome was reported.
-    fn finished(input: Input) -> u64 {
-        match input {
-            Input::SendFinished { id, .. } => id,
-            _ => panic!("expected SendFinished"),
-        }
-    }
-
-    /// Nothing is reported for a while (a started send to a closed port reports within
-    /// milliseconds).
-    fn quiet(reports: &Receiver<Input>) -> bool {
-        reports.recv_timeout(Duration::from_millis(300)).is_err()
-    }
-
-    /// A send that needs only earlier rounds durable goes out before its own round's fsync,
-    /// but never before the releaser's first fsync; the round's other sends wait for its
-    /// fsync. The releaser publishes each round it made durable.
-    #[test]
-    fn early_sends_wait_only_for_the_rounds_before() {
-        let (gate, opened) = mpsc::channel::<()>();
-        let sync = move || {
-            opened.recv().expect("the test holds the gate");
-            Ok(())
-        };
-        let (inputs, reports) = mpsc::channel();
-        let synced = Arc::new(AtomicU64::new(0));
-        let releaser = Releaser::start_with(sync, net(), inputs, synced.clone()).unwrap();
-        let with_early = |seq: u64, early: u64, sends: &[u64]| Round {
-            seq,
-            early_sends: vec![job(early)],
-            sends: sends.iter().copied().map(job).collect(),
-            commits: true,
-            ..Round::default()
-        };
-
-        releaser.submit(with_early(1, 1, &[])).ok().unwrap();
-        assert!(quiet(&reports), "nothing goes out before the first fsync");
-        assert_eq!(synced.load(Ordering::Acquire), 0);
-        gate.send(()).unwrap();
-        assert_eq!(finished(next(&reports)), 1);
-
-        releaser.submit(with_early(2, 2, &[3])).ok().unwrap();
-        assert_eq!(finished(next(&reports)), 2, "before round 2's fsync");
-        assert_eq!(synced.load(Ordering::Acquire), 1);
-        assert!(quiet(&reports), "send 3 waits for round 2's fsync");
-        gate.send(()).unwrap();
-        assert_eq!(finished(next(&reports)), 3);
-        drop(releaser);
-        assert_eq!(synced.load(Ordering::Acquire), 2);
     }
 
     /// Hands over a round of one enqueue answered `result` and these sends; waits for the
@@ -425,8 +333,7 @@ mod tests {
         let (_reader, writer) = std::io::pipe().unwrap();
         let wal = Arc::new(File::from(OwnedFd::from(writer)));
         let (inputs, reports) = mpsc::channel();
-        let synced = Arc::new(AtomicU64::new(0));
-        let releaser = Releaser::start(wal, net(), inputs, synced).unwrap();
+        let releaser = Releaser::start(wal, net(), inputs).unwrap();
         let answer = answer_to(&releaser, Ok(1), &[5], false);
         assert!(matches!(answer, Err(EnqueueError::Storage(_))));
         match next(&reports) {

@@ -33,7 +33,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -43,7 +42,7 @@ use tokio::sync::oneshot;
 use crate::durable::{self, PendingEnqueue, Releaser, Round};
 use crate::http::{HttpConfig, Net};
 use crate::registration::Registration;
-use crate::runtime::{self, Instance, Io, LoadedPlugin, RoundClock, Sandbox, api};
+use crate::runtime::{self, Instance, Io, LoadedPlugin, Sandbox, api};
 use crate::store::{MemoryStore, SqliteStore, Store};
 
 /// How often the plugin is ticked.
@@ -361,17 +360,10 @@ impl Host {
             &config.legacy_query_auth,
         )?);
         let (inputs, receiver) = std::sync::mpsc::channel();
-        let synced = Arc::new(AtomicU64::new(0));
         let releaser = match store.wal() {
-            Some(wal) => Some(Releaser::start(
-                wal,
-                net.clone(),
-                inputs.clone(),
-                synced.clone(),
-            )?),
+            Some(wal) => Some(Releaser::start(wal, net.clone(), inputs.clone())?),
             None => None,
         };
-        let rounds = releaser.as_ref().map(|_| RoundClock::new(synced));
         let io = Io {
             store,
             net,
@@ -379,9 +371,6 @@ impl Host {
             runtime: tokio::runtime::Handle::current(),
             in_flight: BTreeMap::new(),
             pending_sends: Vec::new(),
-            early_sends: Vec::new(),
-            call_began_unsynced: false,
-            rounds,
             timers: Default::default(),
             next_handle: 0,
             clock_origin: Instant::now(),
@@ -663,17 +652,12 @@ impl EngineThread {
     /// [`crate::durable`]).
     fn finish_round(&mut self) {
         let replies = std::mem::take(&mut self.replies);
-        let mut round = match self.io() {
-            Some(io) => {
-                let (early_sends, sends) = io.take_pending_sends();
-                Round {
-                    seq: 0,
-                    early_sends,
-                    sends,
-                    replies,
-                    commits: io.store.take_unsynced(),
-                }
-            }
+        let round = match self.io() {
+            Some(io) => Round {
+                sends: io.take_pending_sends(),
+                replies,
+                commits: io.store.take_unsynced(),
+            },
             None => Round {
                 replies,
                 ..Round::default()
@@ -681,13 +665,6 @@ impl EngineThread {
         };
         if round.is_empty() {
             return;
-        }
-        if let Some(clock) = self.io().and_then(|io| io.rounds.as_mut()) {
-            clock.submitted += 1;
-            round.seq = clock.submitted;
-            if round.commits {
-                clock.last_with_commits = round.seq;
-            }
         }
         if let Some(releaser) = &self.releaser {
             if let Err(round) = releaser.submit(round) {

@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -57,14 +56,6 @@ pub struct Io {
     /// Sends the plugin started in this round: they go out once the round's commits are
     /// durable ([`Io::take_pending_sends`]).
     pub pending_sends: Vec<(SendJob, String, String)>,
-    /// Sends of this round whose transactions were stored before their call began
-    /// (`stored-earlier`) while earlier rounds were not yet durable: they go out once those
-    /// are, without waiting for this round's commits.
-    pub early_sends: Vec<(SendJob, String, String)>,
-    /// Whether this round had committed anything when the current call began.
-    pub call_began_unsynced: bool,
-    /// How far the releaser has made rounds durable (`None` for the store in memory).
-    pub rounds: Option<RoundClock>,
     /// Pending timers.
     pub timers: HashMap<u64, tokio::task::AbortHandle>,
     /// Handles given out so far (sends and timers share the counter).
@@ -79,21 +70,16 @@ impl Io {
         self.next_handle
     }
 
-    /// The requests the plugin asked for since the last call, now counted as in flight:
-    /// those that need only the commits of earlier rounds durable, then those that need this
-    /// round's too. A request must never carry a transaction that a crash could lose.
-    pub fn take_pending_sends(&mut self) -> (Vec<SendJob>, Vec<SendJob>) {
-        let mut take = |sends: Vec<(SendJob, String, String)>| -> Vec<SendJob> {
-            let mut jobs = Vec::with_capacity(sends.len());
-            for (job, appservice, txn_id) in sends {
-                self.in_flight.insert(job.id, (appservice, txn_id));
-                jobs.push(job);
-            }
-            jobs
-        };
-        let early = std::mem::take(&mut self.early_sends);
-        let pending = std::mem::take(&mut self.pending_sends);
-        (take(early), take(pending))
+    /// The requests the plugin asked for since the last call, now counted as in flight. Send
+    /// them only once the store's commits are durable: a request must never carry a
+    /// transaction that a crash could lose.
+    pub fn take_pending_sends(&mut self) -> Vec<SendJob> {
+        let mut jobs = Vec::with_capacity(self.pending_sends.len());
+        for (job, appservice, txn_id) in self.pending_sends.drain(..) {
+            self.in_flight.insert(job.id, (appservice, txn_id));
+            jobs.push(job);
+        }
+        jobs
     }
 
     /// Cancels every pending timer (used when an instance is replaced: the new one sets its own).
@@ -101,36 +87,6 @@ impl Io {
         for (_, timer) in self.timers.drain() {
             timer.abort();
         }
-    }
-}
-
-/// Which rounds of the engine are durable: they are numbered from 1 as they are handed to the
-/// releaser, which publishes the last one it made durable.
-#[derive(Debug)]
-pub struct RoundClock {
-    /// The last round made durable (0: none yet since the start).
-    pub synced: Arc<AtomicU64>,
-    /// The last round handed over.
-    pub submitted: u64,
-    /// The last round handed over that committed something.
-    pub last_with_commits: u64,
-}
-
-impl RoundClock {
-    /// A clock for a releaser that publishes into `synced`.
-    pub fn new(synced: Arc<AtomicU64>) -> Self {
-        RoundClock {
-            synced,
-            submitted: 0,
-            last_with_commits: 0,
-        }
-    }
-
-    /// Whether every commit handed over so far is durable. Never before the releaser's first
-    /// fsync: an earlier process may have left commits in the operating system's cache only.
-    pub fn handed_over_durable(&self) -> bool {
-        let synced = self.synced.load(Ordering::Acquire);
-        synced >= 1 && synced >= self.last_with_commits
     }
 }
 
@@ -367,8 +323,6 @@ impl Instance {
     /// The plugin's exports, with a fresh CPU deadline for the call about to be made.
     pub fn call(&mut self) -> (&api::Guest, &mut Store<HostState>) {
         self.store.set_epoch_deadline(self.deadline_ticks);
-        let io = &mut self.store.data_mut().io;
-        io.call_began_unsynced = io.store.has_unsynced();
         (self.plugin.asched_scheduler_scheduler(), &mut self.store)
     }
 
@@ -388,7 +342,6 @@ impl Instance {
     pub fn into_io(self) -> Io {
         let mut io = self.store.into_data().io;
         io.pending_sends.clear();
-        io.early_sends.clear();
         io
     }
 }
@@ -549,7 +502,6 @@ impl http_send::Host for HostState {
         appservice: String,
         txn_id: String,
         body: Vec<u8>,
-        stored_earlier: bool,
     ) -> Result<u64, http_send::SendRefused> {
         let io = &mut self.io;
         let target = io
@@ -561,22 +513,6 @@ impl http_send::Host for HostState {
             })?;
         let id = io.next_handle();
         let job = SendJob { id, target, body };
-        // A transaction stored before this call needs only the commits handed over to the
-        // releaser to be durable, not this round's: when they are, it goes out now, in the
-        // middle of the call.
-        if stored_earlier && !io.call_began_unsynced {
-            if io
-                .rounds
-                .as_ref()
-                .is_none_or(RoundClock::handed_over_durable)
-            {
-                io.in_flight.insert(id, (appservice, txn_id));
-                crate::durable::start_send(job, &io.net, &io.inputs);
-            } else {
-                io.early_sends.push((job, appservice, txn_id));
-            }
-            return Ok(id);
-        }
         io.pending_sends.push((job, appservice, txn_id));
         Ok(id)
     }

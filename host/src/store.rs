@@ -124,11 +124,6 @@ impl SqliteStore {
         std::mem::take(&mut self.unsynced)
     }
 
-    /// Whether anything was committed since the last [`SqliteStore::take_unsynced`].
-    pub fn has_unsynced(&self) -> bool {
-        self.unsynced
-    }
-
     /// Reads one key.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut stmt = self
@@ -292,15 +287,6 @@ impl Store {
     pub fn take_unsynced(&mut self) -> bool {
         match self {
             Store::Sqlite(store) => store.take_unsynced(),
-            Store::Memory(_) => false,
-        }
-    }
-
-    /// Whether anything was committed since the last [`Store::take_unsynced`] (never, in
-    /// memory).
-    pub fn has_unsynced(&self) -> bool {
-        match self {
-            Store::Sqlite(store) => store.has_unsynced(),
             Store::Memory(_) => false,
         }
     }

@@ -96,18 +96,10 @@ impl Effects for Imports {
         store::commit(&ops).map_err(store_error)
     }
 
-    fn start_send(
-        &mut self,
-        appservice: &str,
-        txn_id: &str,
-        body: &[u8],
-        stored_earlier: bool,
-    ) -> Result<u64, String> {
-        http_send::start_send(appservice, txn_id, body, stored_earlier).map_err(|refused| {
-            match refused {
-                http_send::SendRefused::UnknownAppservice => "unknown appservice".to_owned(),
-                http_send::SendRefused::Other(why) => why,
-            }
+    fn start_send(&mut self, appservice: &str, txn_id: &str, body: &[u8]) -> Result<u64, String> {
+        http_send::start_send(appservice, txn_id, body).map_err(|refused| match refused {
+            http_send::SendRefused::UnknownAppservice => "unknown appservice".to_owned(),
+            http_send::SendRefused::Other(why) => why,
         })
     }
 

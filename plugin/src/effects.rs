@@ -82,15 +82,7 @@ pub trait Effects {
     fn commit(&mut self, ops: Vec<WriteOp>) -> Result<(), StoreError>;
 
     /// Starts sending a transaction; returns the send's handle, or why the host refused.
-    /// `stored_earlier`: its id and body were committed before the current call began, so the
-    /// send need not wait for this call's commits to be durable.
-    fn start_send(
-        &mut self,
-        appservice: &str,
-        txn_id: &str,
-        body: &[u8],
-        stored_earlier: bool,
-    ) -> Result<u64, String>;
+    fn start_send(&mut self, appservice: &str, txn_id: &str, body: &[u8]) -> Result<u64, String>;
 
     /// Asks for [`crate::Scheduler::timer_fired`] after `delay_ms`; returns the timer's handle.
     fn set_timer(&mut self, delay_ms: u64) -> u64;

@@ -8,7 +8,6 @@
 //! | `as/{id}/meta` | [`Record`] as JSON: txn-id epoch and counter, DOWN flag and backoff, queue bounds |
 //! | `as/{id}/c/{seq}` | a chunk: the undelivered events `seq ..` of one enqueued batch (see [`encode_chunk`]) |
 //! | `as/{id}/txn` | [`StoredTxn`] as JSON: the transaction being sent or retried |
-//! | `as/{id}/following-txn` | [`StoredTxn`] as JSON: a full transaction formed ahead to follow it |
 //!
 //! `{seq}` is 16 lowercase hex digits, so key order is enqueue order. Events are stored a batch
 //! per key, not one per key: a batch of a hundred events costs the store one row to write and
@@ -130,11 +129,6 @@ impl Keys {
     /// The key of the [`StoredTxn`].
     pub fn txn(&self) -> String {
         format!("{}txn", self.prefix)
-    }
-
-    /// The key of the full transaction formed ahead to follow the stored one.
-    pub fn following_txn(&self) -> String {
-        format!("{}following-txn", self.prefix)
     }
 
     /// The key of the stored transaction's body.

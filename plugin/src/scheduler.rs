@@ -192,13 +192,6 @@ struct Appservice {
     keys: Keys,
     record: Record,
     txn: Option<StoredTxn>,
-    /// The call that stored `txn` (0: an earlier process or instance did).
-    txn_stored_in: u64,
-    /// A full transaction stored ahead to follow `txn`, so that it can be sent the moment `txn`
-    /// is delivered, without waiting for a commit to become durable.
-    following: Option<StoredTxn>,
-    /// The call that stored `following`.
-    following_stored_in: u64,
     phase: Phase,
     in_flight: Option<u64>,
     timer: Option<Timer>,
@@ -260,9 +253,6 @@ pub struct Scheduler {
     /// The chunks enqueued last, so transactions of fresh events are formed without reading
     /// the store.
     cache: ChunkCache,
-    /// Calls into the scheduler so far, this one included: a transaction stored in an earlier
-    /// call may be sent before this call's commits are durable.
-    calls: u64,
 }
 
 /// The most bytes of recently enqueued chunks kept in memory, over all appservices: enough for
@@ -290,7 +280,6 @@ impl Scheduler {
             timers: BTreeMap::new(),
             jitter,
             cache: ChunkCache::new(CHUNK_CACHE_BYTES),
-            calls: 1,
         };
         scheduler.load(fx, appservices)?;
         scheduler.adopt(fx, in_flight);
@@ -304,18 +293,7 @@ impl Scheduler {
         for id in ids {
             let keys = Keys::new(id);
             let stored = read_json::<Record>(fx, &keys.meta()).map_err(StartError::Storage)?;
-            let mut txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
-            let mut following =
-                read_json::<StoredTxn>(fx, &keys.following_txn()).map_err(StartError::Storage)?;
-            if txn.is_none() {
-                // Never written so (a following transaction is promoted in the commit that
-                // removes its predecessor), but sound to repair: its id was never sent.
-                if let Some(promoted) = following.take() {
-                    created.push(WriteOp::Put(keys.txn(), to_json(&promoted)));
-                    created.push(WriteOp::Delete(keys.following_txn()));
-                    txn = Some(promoted);
-                }
-            }
+            let txn = read_json::<StoredTxn>(fx, &keys.txn()).map_err(StartError::Storage)?;
             let moved = migrate_event_rows(fx, &keys, txn.as_ref()).map_err(StartError::Storage)?;
             if moved > 0 {
                 let message = format!("moved {moved} queued events into the chunked layout");
@@ -345,9 +323,6 @@ impl Scheduler {
                 keys,
                 record,
                 txn,
-                txn_stored_in: 0,
-                following,
-                following_stored_in: 0,
                 phase,
                 in_flight: None,
                 timer: None,
@@ -429,7 +404,6 @@ impl Scheduler {
         fx: &mut impl Effects,
         batches: &[EnqueueBatch],
     ) -> Vec<Result<u32, EnqueueError>> {
-        self.calls += 1;
         let now_wall = fx.wall_clock_now_ms();
         let mut results = Vec::with_capacity(batches.len());
         let mut ops = Vec::new();
@@ -485,7 +459,6 @@ impl Scheduler {
         }
         for id in staged {
             self.dispatch(fx, &id, false);
-            self.store_following(fx, &id);
         }
         results
     }
@@ -531,7 +504,6 @@ impl Scheduler {
 
     /// Reports how a send ended.
     pub fn send_finished(&mut self, fx: &mut impl Effects, send_id: u64, outcome: &SendOutcome) {
-        self.calls += 1;
         let Some(id) = self.sends.remove(&send_id) else {
             fx.log(
                 LogLevel::Debug,
@@ -574,11 +546,6 @@ impl Scheduler {
 
     /// Reports that a timer is due.
     pub fn timer_fired(&mut self, fx: &mut impl Effects, timer_id: u64) {
-        self.calls += 1;
-        self.fire_timer(fx, timer_id);
-    }
-
-    fn fire_timer(&mut self, fx: &mut impl Effects, timer_id: u64) {
         let Some(id) = self.timers.remove(&timer_id) else {
             return;
         };
@@ -601,7 +568,6 @@ impl Scheduler {
     /// Catches up on anything due: a timer the host missed is fired, a queue that is idle while
     /// it has work is started, a DOWN appservice without a retry timer gets one.
     pub fn tick(&mut self, fx: &mut impl Effects) {
-        self.calls += 1;
         self.fire_overdue_timers(fx);
         let idle: Vec<(String, Phase)> = self
             .appservices
@@ -633,22 +599,16 @@ impl Scheduler {
             .collect();
         for timer_id in overdue {
             fx.cancel_timer(timer_id);
-            self.fire_timer(fx, timer_id);
+            self.timer_fired(fx, timer_id);
         }
     }
 
     /// Retries an appservice now, skipping the rest of its backoff.
     pub fn force_retry(&mut self, fx: &mut impl Effects, id: &str) -> Result<(), EnqueueError> {
-        self.calls += 1;
         let Some(a) = self.appservices.get_mut(id) else {
             return Err(EnqueueError::UnknownAppservice(id.to_owned()));
         };
         if a.in_flight.is_some() {
-            fx.log(
-                LogLevel::Info,
-                Some(id),
-                "retry forced while a send is in flight; its outcome decides what follows",
-            );
             return Ok(());
         }
         if let Some(timer) = a.timer.take() {
@@ -729,6 +689,7 @@ impl Scheduler {
     /// failure pauses the queue.
     fn read_stored_body(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
         let a = &self.appservices[id];
+        let txn = a.txn.as_ref().expect("only a stored transaction is resent");
         let stored = match fx.get(&a.keys.txn_body()) {
             Ok(stored) => stored,
             Err(error) => {
@@ -739,24 +700,11 @@ impl Scheduler {
         if let Some(body) = stored {
             return Some(body);
         }
-        self.rebuild_body(fx, id, 0)
-    }
-
-    /// The stored transaction's body rebuilt from its events, no chunk before `first_chunk`
-    /// read. A failure pauses the queue.
-    fn rebuild_body(
-        &mut self,
-        fx: &mut impl Effects,
-        id: &str,
-        first_chunk: u64,
-    ) -> Option<Vec<u8>> {
-        let a = &self.appservices[id];
-        let txn = a.txn.as_ref().expect("only a stored transaction is resent");
         let rebuilt = read_queue(
             fx,
             &mut self.cache,
             a,
-            first_chunk,
+            0,
             txn.first,
             txn.events(),
             usize::MAX,
@@ -787,8 +735,7 @@ impl Scheduler {
     /// its id and body before it is sent.
     fn form_txn(&mut self, fx: &mut impl Effects, id: &str) -> Option<Vec<u8>> {
         let mut record = self.appservices[id].record.clone();
-        let head = record.head;
-        let next = match self.prepare_txn(fx, id, &mut record, 0, head) {
+        let next = match self.prepare_txn(fx, id, &mut record, 0) {
             Ok(next) => next,
             Err(why) => {
                 self.pause_for_storage(fx, id, why);
@@ -808,37 +755,35 @@ impl Scheduler {
             .expect("the id was found above");
         a.record = record;
         a.txn = Some(next.txn);
-        a.txn_stored_in = self.calls;
         Some(next.body)
     }
 
-    /// Reads the queue from event `from` on (the head, or the end of the stored transaction)
-    /// and builds a transaction of it, up to the caps; advances `record.next_txn` past its id.
-    /// Nothing is written: the caller commits [`NextTxn::ops`] with the record, alone or
-    /// together with other writes.
+    /// Reads the head of the queue from `record.head` and builds the next transaction, up to
+    /// the caps; advances `record.next_txn` past its id. Nothing is written: the caller commits
+    /// [`NextTxn::ops`] with the record, alone or together with other writes.
     fn prepare_txn(
         &mut self,
         fx: &mut impl Effects,
         id: &str,
         record: &mut Record,
         first_chunk: u64,
-        from: u64,
     ) -> Result<NextTxn, String> {
         let a = &self.appservices[id];
+        let head = record.head;
         let built = read_queue(
             fx,
             &mut self.cache,
             a,
             first_chunk,
-            from,
+            head,
             u64::from(a.cap_events),
             self.config.max_txn_body_bytes as usize,
         )
         .inspect_err(|why| fx.log(LogLevel::Error, Some(id), why))?;
         let txn = StoredTxn {
             txn_id: format!("{}.{}", record.epoch, record.next_txn),
-            first: from,
-            end: from + built.events,
+            first: head,
+            end: head + built.events,
             event_bytes: built.event_bytes,
             first_enqueued_at_ms: built.first_enqueued_at_ms,
             keep_from: Some(built.keep_from),
@@ -865,8 +810,7 @@ impl Scheduler {
             .expect("a transaction is stored before it is sent")
             .txn_id
             .clone();
-        let stored_earlier = a.txn_stored_in < self.calls;
-        match fx.start_send(id, &txn_id, body, stored_earlier) {
+        match fx.start_send(id, &txn_id, body) {
             Ok(send_id) => {
                 a.in_flight = Some(send_id);
                 a.storage_failures = 0;
@@ -877,13 +821,10 @@ impl Scheduler {
     }
 
     /// Records a delivered transaction: its events leave the queue, and the next transaction
-    /// is dispatched. A following transaction stored ahead becomes the stored one in a small
-    /// commit and is sent at once, before the delivered events' chunks are deleted (see
-    /// [`Scheduler::send_following`]). Otherwise, when events wait behind it, the next
-    /// transaction is formed and stored in the same commit (one durable write per delivered
-    /// transaction), and sent at once. If the write fails, the queue pauses and the write is
-    /// retried; nothing else is sent meanwhile, and a crash resends the same transaction under
-    /// the same id.
+    /// is dispatched. When events wait behind it, the next transaction is formed and stored in
+    /// the same commit (one durable write per delivered transaction), and sent at once. If the
+    /// write fails, the queue pauses and the write is retried; nothing else is sent meanwhile,
+    /// and a crash resends the same transaction under the same id.
     fn record_success(&mut self, fx: &mut impl Effects, id: &str) {
         let a = &self.appservices[id];
         let txn = a
@@ -897,38 +838,24 @@ impl Scheduler {
         record.down = a.phase != Phase::Up && !drained;
         record.failed_attempts = 0;
         record.retry_at_ms = None;
-        if a.following.is_some() {
-            self.send_following(fx, id, txn, record);
-            return;
-        }
         let mut ops = vec![
             WriteOp::DeleteRange(a.keys.chunk(0), a.keys.chunk(txn.keep_from())),
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
         ];
-        // The next transaction goes into the same commit when it can be formed now (and the
-        // one to follow it, if a full one waits); any problem forming it is left to `dispatch`,
-        // after this success is recorded.
-        let (next, following) = if drained || a.timer.is_some() {
-            (None, None)
+        // The next transaction goes into the same commit when it can be formed now; any
+        // problem forming it is left to `dispatch`, after this success is recorded.
+        let next = if drained || a.timer.is_some() {
+            None
         } else {
             // The chunks left in the store start where the delivered transaction's last chunk
             // does (unknown for a transaction stored by an earlier build).
             let first_chunk = txn.keep_from.unwrap_or(0);
-            let next = self
-                .prepare_txn(fx, id, &mut record, first_chunk, txn.end)
-                .ok();
-            let following = next
-                .as_ref()
-                .and_then(|next| self.prepare_following(fx, id, &mut record, &next.txn));
-            (next, following)
+            self.prepare_txn(fx, id, &mut record, first_chunk).ok()
         };
         let a = &self.appservices[id];
         if let Some(next) = &next {
             ops.extend(next.ops(&a.keys));
-        }
-        if let Some(following) = &following {
-            ops.push(WriteOp::Put(a.keys.following_txn(), to_json(following)));
         }
         ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
         if let Err(error) = fx.commit(ops) {
@@ -938,172 +865,10 @@ impl Scheduler {
             return;
         }
         self.cache.remove_below(id, txn.keep_from());
-        self.delivered(fx, id, &txn, record);
-        let calls = self.calls;
         let a = self
             .appservices
             .get_mut(id)
             .expect("the id was found above");
-        a.following = following;
-        a.following_stored_in = calls;
-        match next {
-            Some(next) => {
-                a.txn = Some(next.txn);
-                a.txn_stored_in = calls;
-                self.start_send(fx, id, &next.body);
-            }
-            None => self.dispatch(fx, id, false),
-        }
-    }
-
-    /// Records a delivered transaction whose following transaction was stored ahead. The
-    /// commit that makes the following one the stored transaction is small (no chunk is
-    /// deleted in it), and the send does not wait for it to be durable: the transaction was
-    /// stored, durably, by an earlier call. If that commit is lost in a crash, the delivered
-    /// transaction is sent again under its own id, then the following one under its own.
-    /// Then the delivered events' chunks are deleted and the transaction after it is formed
-    /// ahead, in a second commit whose failure costs nothing (the next success deletes the
-    /// chunks; the transaction is formed when its turn comes).
-    fn send_following(&mut self, fx: &mut impl Effects, id: &str, txn: StoredTxn, record: Record) {
-        let a = &self.appservices[id];
-        let following = a.following.clone().expect("checked by the caller");
-        let ops = vec![
-            WriteOp::Put(a.keys.txn(), to_json(&following)),
-            WriteOp::Delete(a.keys.following_txn()),
-            WriteOp::Delete(a.keys.txn_body()),
-            WriteOp::Put(a.keys.meta(), to_json(&record)),
-        ];
-        if let Err(error) = fx.commit(ops) {
-            let why = format!("txn {} delivered but not recorded: {error}", txn.txn_id);
-            fx.log(LogLevel::Warn, Some(id), &why);
-            self.pause_for_storage(fx, id, why);
-            return;
-        }
-        self.delivered(fx, id, &txn, record);
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("the id was found above");
-        a.txn = a.following.take();
-        a.txn_stored_in = a.following_stored_in;
-        // A following transaction is always one this build formed, so it has no stored body.
-        if a.timer.is_none()
-            && let Some(body) = self.rebuild_body(fx, id, txn.keep_from())
-        {
-            self.start_send(fx, id, &body);
-        }
-        let a = &self.appservices[id];
-        let mut ops = vec![WriteOp::DeleteRange(
-            a.keys.chunk(0),
-            a.keys.chunk(txn.keep_from()),
-        )];
-        let mut record = a.record.clone();
-        let following = match (&a.txn, a.timer) {
-            (Some(next), None) => {
-                let next = next.clone();
-                self.prepare_following(fx, id, &mut record, &next)
-            }
-            _ => None,
-        };
-        self.cache.remove_below(id, txn.keep_from());
-        let a = &self.appservices[id];
-        if let Some(following) = &following {
-            ops.push(WriteOp::Put(a.keys.following_txn(), to_json(following)));
-            ops.push(WriteOp::Put(a.keys.meta(), to_json(&record)));
-        }
-        if let Err(error) = fx.commit(ops) {
-            let message = format!("delivered events not yet deleted: {error}");
-            fx.log(LogLevel::Debug, Some(id), &message);
-            return;
-        }
-        if following.is_some() {
-            let calls = self.calls;
-            let a = self
-                .appservices
-                .get_mut(id)
-                .expect("the id was found above");
-            a.following = following;
-            a.following_stored_in = calls;
-            a.record = record;
-        }
-    }
-
-    /// Forms and stores the transaction to follow the stored one, if a full one waits behind it
-    /// and it is not stored yet, so that it can be sent the moment the stored one is delivered.
-    /// A failure only logs: it is formed again when its turn comes.
-    fn store_following(&mut self, fx: &mut impl Effects, id: &str) {
-        let a = &self.appservices[id];
-        let (Some(txn), None, None) = (&a.txn, &a.following, a.timer) else {
-            return;
-        };
-        if a.phase == Phase::Down || a.in_flight.is_none() {
-            return;
-        }
-        let txn = txn.clone();
-        let mut record = a.record.clone();
-        let Some(following) = self.prepare_following(fx, id, &mut record, &txn) else {
-            return;
-        };
-        let a = &self.appservices[id];
-        let ops = vec![
-            WriteOp::Put(a.keys.following_txn(), to_json(&following)),
-            WriteOp::Put(a.keys.meta(), to_json(&record)),
-        ];
-        if let Err(error) = fx.commit(ops) {
-            let message = format!("the following transaction was not stored ahead: {error}");
-            fx.log(LogLevel::Debug, Some(id), &message);
-            return;
-        }
-        let calls = self.calls;
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("the id was found above");
-        a.following = Some(following);
-        a.following_stored_in = calls;
-        a.record = record;
-    }
-
-    /// The transaction to follow `after`, when the events behind it fill one to a cap (a
-    /// partial one is left to form when its turn comes, so that events arriving meanwhile
-    /// still join it); advances `record.next_txn` past its id. Nothing is written.
-    fn prepare_following(
-        &mut self,
-        fx: &mut impl Effects,
-        id: &str,
-        record: &mut Record,
-        after: &StoredTxn,
-    ) -> Option<StoredTxn> {
-        let a = &self.appservices[id];
-        let behind = record.tail - after.end;
-        let cap = u64::from(a.cap_events);
-        // `after` starts at the head, where the queued bytes are counted from; a body adds its
-        // brackets and a comma per event.
-        let behind_bytes = record.queued_bytes.saturating_sub(after.event_bytes);
-        let fits = behind_bytes + behind + 13 <= u64::from(self.config.max_txn_body_bytes);
-        if behind == 0 || (behind < cap && fits) {
-            return None;
-        }
-        let counter = record.next_txn;
-        let next = self
-            .prepare_txn(fx, id, record, after.keep_from(), after.end)
-            .ok()?;
-        let full = next.txn.events() == cap || next.txn.end < record.tail;
-        if !full {
-            record.next_txn = counter;
-            return None;
-        }
-        Some(next.txn)
-    }
-
-    /// Bookkeeping once a delivered transaction's success is committed: the record as
-    /// committed, the counters, and the phase (UP once the backlog is delivered).
-    fn delivered(&mut self, fx: &mut impl Effects, id: &str, txn: &StoredTxn, record: Record) {
-        let drained = record.head == record.tail;
-        let a = self
-            .appservices
-            .get_mut(id)
-            .expect("only registered appservices deliver");
         a.record = record;
         a.txn = None;
         a.unrecorded_success = false;
@@ -1127,7 +892,15 @@ impl Scheduler {
             }
             (_, false) => a.phase = Phase::Recovering,
         }
+        match next {
+            Some(next) => {
+                a.txn = Some(next.txn);
+                self.start_send(fx, id, &next.body);
+            }
+            None => self.dispatch(fx, id, false),
+        }
     }
+
     /// A 413 answer: the transaction is too large for the appservice. Its id is retired (never
     /// used again) and its events are sent again in transactions of half the size.
     fn split_after_413(&mut self, fx: &mut impl Effects, id: &str) {
@@ -1136,11 +909,9 @@ impl Scheduler {
             .txn
             .clone()
             .expect("a 413 is handled only for a stored transaction");
-        // A following transaction was formed with the old cap: its id is retired too.
         let ops = vec![
             WriteOp::Delete(a.keys.txn()),
             WriteOp::Delete(a.keys.txn_body()),
-            WriteOp::Delete(a.keys.following_txn()),
         ];
         if let Err(error) = fx.commit(ops) {
             self.pause_for_storage(fx, id, error.to_string());
@@ -1158,7 +929,6 @@ impl Scheduler {
             .get_mut(id)
             .expect("the id was found above");
         a.txn = None;
-        a.following = None;
         a.cap_events = half;
         let retrying = a.phase == Phase::Down;
         self.dispatch(fx, id, retrying);

@@ -3,8 +3,7 @@
 //! [`World`] implements [`Effects`]: an ordered store with atomic commits and fault injection,
 //! virtual clocks, a seeded random source, a record of every send and timer, and the log. It
 //! also checks the invariants every run must keep (at most one send in flight per appservice,
-//! well-formed bodies within the byte cap, a txn id always sent with the same bytes, a send
-//! marked `stored_earlier` only for a transaction committed before the current call) on every
+//! well-formed bodies within the byte cap, a txn id always sent with the same bytes) on every
 //! send, so each test checks them too. [`Harness`] drives a [`Scheduler`] over a world: it
 //! advances virtual time firing due timers in order, finishes sends, and crashes (drops the
 //! scheduler and everything but the committed store) and restarts.
@@ -39,8 +38,6 @@ struct Sent {
     appservice: String,
     txn_id: String,
     body: Vec<u8>,
-    /// Whether the scheduler said the transaction was stored before the current call.
-    stored_earlier: bool,
     at_ms: u64,
     open: bool,
     outcome: Option<SendOutcome>,
@@ -93,9 +90,6 @@ struct World {
     next_send_id: u64,
     /// The bytes each txn id was first sent with.
     bodies: BTreeMap<String, Vec<u8>>,
-    /// Ids of the transactions stored before the current call, and in it.
-    stored_before_call: BTreeSet<String>,
-    stored_in_call: BTreeSet<String>,
     max_body: usize,
     timers: BTreeMap<u64, TimerSet>,
     timers_set: Vec<TimerSet>,
@@ -121,8 +115,6 @@ impl World {
             // Send and timer handles come from different ranges, so a mix-up shows.
             next_send_id: 1000,
             bodies: BTreeMap::new(),
-            stored_before_call: BTreeSet::new(),
-            stored_in_call: BTreeSet::new(),
             max_body: config.max_txn_body_bytes as usize,
             timers: BTreeMap::new(),
             timers_set: Vec::new(),
@@ -130,12 +122,6 @@ impl World {
             next_timer_id: 1,
             logs: Vec::new(),
         }
-    }
-
-    /// A call into the scheduler begins: what the last one stored was stored earlier.
-    fn begin_call(&mut self) {
-        let stored = std::mem::take(&mut self.stored_in_call);
-        self.stored_before_call.extend(stored);
     }
 
     /// Fails the `n`th commit from now (1 = the next one).
@@ -188,16 +174,6 @@ fn injected(what: &str) -> StoreError {
 
 /// Checks that a body is `{"events":[...]}` with at least one event and within the byte cap
 /// unless it carries one event; returns the number of events.
-/// The id of the transaction a write stores, if it stores one.
-fn stored_txn_id(key: &str, value: &[u8]) -> Option<String> {
-    if !(key.ends_with("/txn") || key.ends_with("/following-txn")) {
-        return None;
-    }
-    let txn: serde_json::Value = serde_json::from_slice(value).expect("a stored txn is JSON");
-    let txn_id = txn["txn_id"].as_str().expect("a stored txn has an id");
-    Some(txn_id.to_owned())
-}
-
 fn check_body(body: &[u8], max_body: usize) -> usize {
     let value: serde_json::Value = serde_json::from_slice(body).expect("a body is JSON");
     let object = value.as_object().expect("a body is a JSON object");
@@ -259,9 +235,6 @@ impl Effects for World {
         for op in ops {
             match op {
                 WriteOp::Put(key, value) => {
-                    if let Some(txn_id) = stored_txn_id(&key, &value) {
-                        self.stored_in_call.insert(txn_id);
-                    }
                     self.store.insert(key, value);
                 }
                 WriteOp::Delete(key) => {
@@ -275,20 +248,10 @@ impl Effects for World {
         Ok(())
     }
 
-    fn start_send(
-        &mut self,
-        appservice: &str,
-        txn_id: &str,
-        body: &[u8],
-        stored_earlier: bool,
-    ) -> Result<u64, String> {
+    fn start_send(&mut self, appservice: &str, txn_id: &str, body: &[u8]) -> Result<u64, String> {
         if let Some(why) = &self.faults.refuse_sends {
             return Err(why.clone());
         }
-        assert!(
-            !stored_earlier || self.stored_before_call.contains(txn_id),
-            "txn {txn_id} marked as stored earlier, but it was not stored before this call"
-        );
         assert!(
             !self
                 .sends
@@ -313,7 +276,6 @@ impl Effects for World {
             appservice: appservice.to_owned(),
             txn_id: txn_id.to_owned(),
             body: body.to_vec(),
-            stored_earlier,
             at_ms: self.mono_ms,
             open: true,
             outcome: None,
@@ -396,14 +358,6 @@ impl Harness {
     }
 
     fn start(&mut self, in_flight: &[InFlightSend]) -> Result<(), StartError> {
-        self.world.begin_call();
-        // Whatever the store holds at start (a test may have written it directly) was stored
-        // by an earlier process.
-        for (key, value) in &self.world.store {
-            if let Some(txn_id) = stored_txn_id(key, value) {
-                self.world.stored_before_call.insert(txn_id);
-            }
-        }
         let sched = Scheduler::start(
             &mut self.world,
             self.config.clone(),
@@ -416,7 +370,6 @@ impl Harness {
 
     /// Runs `f` on the scheduler and the world.
     fn with<R>(&mut self, f: impl FnOnce(&mut Scheduler, &mut World) -> R) -> R {
-        self.world.begin_call();
         let sched = self.sched.as_mut().expect("the scheduler is started");
         f(sched, &mut self.world)
     }
@@ -2305,199 +2258,4 @@ fn a_backlog_beyond_the_cache_is_read_a_page_at_a_time() {
     // Chunks 1 to 301 were cached when they were enqueued, within four transactions of the
     // head; 401 to 1101 come from two scans of four chunks each.
     assert_eq!(h.world.scans - scans_before, 2);
-}
-
-/// Two events per transaction, so that a following transaction fills up quickly.
-fn config_of_two() -> Config {
-    Config {
-        max_events_per_txn: 2,
-        ..config()
-    }
-}
-
-/// The txn id stored under the following-transaction key, if any.
-fn following_id(h: &Harness, appservice: &str) -> Option<String> {
-    let key = format!("as/{appservice}/following-txn");
-    h.world
-        .store
-        .get(&key)
-        .and_then(|value| stored_txn_id(&key, value))
-}
-
-/// A full transaction waiting behind the one in flight is stored ahead, and sent the moment its
-/// predecessor is delivered, marked as stored earlier: the host need not wait for the commit
-/// that records the delivery to be durable. A partial one is not formed ahead, so events that
-/// arrive meanwhile still join it.
-#[test]
-fn a_full_following_txn_is_stored_ahead_and_sent_at_once() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    let first = h.open(AS1);
-    assert!(!first.stored_earlier, "formed and stored in the same call");
-    h.enq_range(AS1, [2]);
-    assert_eq!(following_id(&h, AS1), None, "one event does not fill a txn");
-    h.enq_range(AS1, [3, 4, 5]);
-    assert_eq!(following_id(&h, AS1), Some(h.id(AS1, 2)));
-
-    h.ok(AS1);
-    let second = h.open(AS1);
-    assert_eq!(
-        (second.txn_id.as_str(), numbers(&second.body)),
-        (h.id(AS1, 2).as_str(), vec![2, 3])
-    );
-    assert!(second.stored_earlier);
-    assert_eq!(
-        following_id(&h, AS1),
-        Some(h.id(AS1, 3)),
-        "4 and 5 fill the next one"
-    );
-    h.enq_range(AS1, [6]);
-
-    h.ok(AS1);
-    let third = h.open(AS1);
-    assert_eq!(
-        (third.txn_id.as_str(), numbers(&third.body)),
-        (h.id(AS1, 3).as_str(), vec![4, 5])
-    );
-    assert!(third.stored_earlier);
-    assert_eq!(
-        following_id(&h, AS1),
-        None,
-        "the one event behind it does not fill a txn"
-    );
-    h.ok(AS1);
-    let fourth = h.open(AS1);
-    assert_eq!(
-        (fourth.txn_id.as_str(), numbers(&fourth.body)),
-        (h.id(AS1, 4).as_str(), vec![6])
-    );
-    assert!(!fourth.stored_earlier, "formed when its turn came");
-    h.ok(AS1);
-    assert_eq!(h.delivered(AS1), range(1, 6));
-    assert!(h.queued_keys().is_empty());
-    assert_eq!(following_id(&h, AS1), None);
-    let st = h.status(AS1);
-    assert_eq!(
-        (st.delivered_txns, st.delivered_events, st.backlog_events),
-        (4, 6, 0)
-    );
-}
-
-/// A restart finds the following transaction where it was stored: the one in flight is resent,
-/// then the following one, each under its own id with its own bytes.
-#[test]
-fn a_following_txn_survives_a_restart() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    h.enq_range(AS1, [2, 3, 4]);
-    let first = h.open(AS1);
-    h.restart();
-    let resent = h.ok(AS1);
-    assert_eq!((&resent.txn_id, &resent.body), (&first.txn_id, &first.body));
-    let second = h.open(AS1);
-    assert_eq!(
-        (second.txn_id.as_str(), numbers(&second.body)),
-        (h.id(AS1, 2).as_str(), vec![2, 3])
-    );
-    assert!(second.stored_earlier, "stored by the process before");
-    assert_eq!(h.drain_ok(AS1), vec![vec![2, 3], vec![4]]);
-    assert_eq!(h.delivered(AS1), range(1, 4));
-}
-
-/// If recording the delivery fails, nothing is sent; the retried write then sends the
-/// following transaction, under the id it was stored with.
-#[test]
-fn a_following_txn_waits_for_the_delivery_to_be_recorded() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    h.enq_range(AS1, [2, 3]);
-    h.world.fail_commit(1);
-    h.ok(AS1);
-    assert_eq!(h.open_opt(AS1).map(|s| s.txn_id), None);
-    assert_eq!(h.status(AS1).delivered_txns, 0);
-    h.advance(1000);
-    let second = h.open(AS1);
-    assert_eq!(
-        (second.txn_id.as_str(), numbers(&second.body)),
-        (h.id(AS1, 2).as_str(), vec![2, 3])
-    );
-    h.ok(AS1);
-    assert_eq!(h.delivered(AS1), range(1, 3));
-    assert!(h.queued_keys().is_empty());
-}
-
-/// When the second commit of a delivery (deleting the delivered events, storing the next
-/// following transaction) fails, nothing is lost or resent: the next delivery deletes them.
-#[test]
-fn a_failed_clean_up_after_a_following_txn_is_sent_costs_nothing() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    h.enq_range(AS1, [2, 3, 4, 5]);
-    h.world.fail_commit(2);
-    h.ok(AS1);
-    let second = h.open(AS1);
-    assert_eq!(numbers(&second.body), vec![2, 3]);
-    assert_eq!(following_id(&h, AS1), None);
-    assert_eq!(h.drain_ok(AS1), vec![vec![2, 3], vec![4, 5]]);
-    assert_eq!(h.delivered(AS1), range(1, 5));
-    assert!(h.queued_keys().is_empty());
-    let ids: Vec<String> = h.sends(AS1).into_iter().map(|s| s.txn_id).collect();
-    assert_eq!(ids, vec![h.id(AS1, 1), h.id(AS1, 2), h.id(AS1, 3)]);
-}
-
-/// A 413 retires the following transaction's id with the refused one's: it was formed with
-/// the cap that is now halved.
-#[test]
-fn a_413_retires_the_following_txn() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1, 2]);
-    h.enq_range(AS1, [3, 4, 5]);
-    assert_eq!(following_id(&h, AS1), Some(h.id(AS1, 2)));
-    h.finish_open(AS1, http(413));
-    assert_eq!(following_id(&h, AS1), None);
-    assert_eq!(
-        h.drain_ok(AS1),
-        vec![vec![1], vec![2], vec![3], vec![4], vec![5]]
-    );
-    let ids: Vec<String> = h.sends(AS1).into_iter().map(|s| s.txn_id).collect();
-    let expected: Vec<String> = [1, 3, 4, 5, 6, 7].iter().map(|n| h.id(AS1, *n)).collect();
-    assert_eq!(ids, expected, "id 2 is never sent");
-    assert_eq!(h.delivered(AS1), range(1, 5));
-}
-
-/// A DOWN appservice keeps its following transaction; the retry that succeeds sends it next.
-#[test]
-fn a_following_txn_waits_out_a_failure() {
-    let mut h = Harness::new(config_of_two(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    h.enq_range(AS1, [2, 3]);
-    let first = h.finish_open(AS1, SendOutcome::Timeout);
-    h.enq_range(AS1, [4, 5]);
-    assert_eq!(following_id(&h, AS1), Some(h.id(AS1, 2)));
-    h.advance(2000);
-    let retried = h.ok(AS1);
-    assert_eq!(retried.txn_id, first.txn_id);
-    let second = h.open(AS1);
-    assert_eq!(
-        (second.txn_id.as_str(), numbers(&second.body)),
-        (h.id(AS1, 2).as_str(), vec![2, 3])
-    );
-    assert!(second.stored_earlier);
-    assert_eq!(h.drain_ok(AS1), vec![vec![2, 3], vec![4, 5]]);
-    assert_eq!(h.status(AS1).phase, Phase::Up);
-}
-
-/// A retry forced while a send is in flight sends nothing more (one send at a time), but the
-/// operator's request is logged.
-#[test]
-fn force_retry_while_a_send_is_in_flight_only_logs() {
-    let mut h = Harness::new(config(), &[AS1]);
-    h.enq_range(AS1, [1]);
-    assert_eq!(h.force_retry(AS1), Ok(()));
-    assert_eq!(h.sends(AS1).len(), 1);
-    let logged = h.logs(LogLevel::Info, "retry forced while a send is in flight");
-    assert_eq!(logged.len(), 1);
-    assert_eq!(logged[0].appservice.as_deref(), Some(AS1));
-    h.ok(AS1);
-    assert_eq!(h.delivered(AS1), vec![1]);
 }

@@ -293,10 +293,6 @@ struct World {
     store_ops: u64,
     /// A fault was injected during the current call.
     fault_injected: bool,
-    /// Ids of the transactions stored before the current call, and in it: a send may be
-    /// marked `stored-earlier` only for the former.
-    stored_before_call: BTreeSet<String>,
-    stored_in_call: BTreeSet<String>,
     host: Host,
     due: BTreeSet<(u64, u64, Due)>,
     due_seq: u64,
@@ -309,12 +305,6 @@ struct World {
 }
 
 impl World {
-    /// A call into the plugin begins: what earlier calls stored was stored earlier.
-    fn begin_call(&mut self) {
-        let stored = std::mem::take(&mut self.stored_in_call);
-        self.stored_before_call.extend(stored);
-    }
-
     fn handle(&mut self) -> u64 {
         self.next_handle += 1;
         self.next_handle
@@ -608,19 +598,6 @@ impl WasiView for SimState {
     }
 }
 
-/// The id of the transaction a write stores, if it stores one (under the scheduler's `txn` or
-/// `following-txn` key).
-fn stored_txn_id(op: &store::WriteOp) -> Option<String> {
-    let store::WriteOp::Put(entry) = op else {
-        return None;
-    };
-    if !(entry.key.ends_with("/txn") || entry.key.ends_with("/following-txn")) {
-        return None;
-    }
-    let txn: serde_json::Value = serde_json::from_slice(&entry.value).ok()?;
-    txn["txn_id"].as_str().map(str::to_owned)
-}
-
 impl PluginImports for SimState {
     fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
@@ -678,13 +655,10 @@ impl store::Host for SimState {
         if world.faults_on && world.rng.chance(world.faults.slow_commit) {
             world.now_ms += world.rng.range(1, 200);
         }
-        let stored: Vec<String> = ops.iter().filter_map(stored_txn_id).collect();
         world
             .store
             .commit(&writes_from_wit(ops))
-            .map_err(to_wit_error)?;
-        world.stored_in_call.extend(stored);
-        Ok(())
+            .map_err(to_wit_error)
     }
 }
 
@@ -694,17 +668,11 @@ impl http_send::Host for SimState {
         appservice: String,
         txn_id: String,
         body: Vec<u8>,
-        stored_earlier: bool,
     ) -> Result<u64, http_send::SendRefused> {
         let world = &mut self.world;
         let index = world
             .index_of(&appservice)
             .ok_or(http_send::SendRefused::UnknownAppservice)?;
-        if stored_earlier && !world.stored_before_call.contains(&txn_id) {
-            world.checker.fail(format!(
-                "txn {txn_id} to as{index} was sent as stored by an earlier call, but it was not"
-            ));
-        }
         let others = world
             .host
             .in_flight
@@ -924,8 +892,6 @@ impl<'c> Sim<'c> {
             faults_on: true,
             store_ops: 0,
             fault_injected: false,
-            stored_before_call: BTreeSet::new(),
-            stored_in_call: BTreeSet::new(),
             host: Host {
                 in_flight: BTreeMap::new(),
                 timers: BTreeSet::new(),
@@ -1011,7 +977,6 @@ impl<'c> Sim<'c> {
             .collect();
         let config = world.params.config;
         let appservices = world.appservices.clone();
-        world.begin_call();
         let started = plugin.asched_scheduler_scheduler().call_start(
             &mut store,
             config,
@@ -1084,7 +1049,6 @@ impl<'c> Sim<'c> {
         };
         store.data_mut().world.host.sends_started.clear();
         store.data_mut().world.fault_injected = false;
-        store.data_mut().world.begin_call();
         let result = f(plugin.asched_scheduler_scheduler(), store);
         match result {
             Ok(value) => Some(value),

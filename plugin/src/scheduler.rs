@@ -609,6 +609,11 @@ impl Scheduler {
             return Err(EnqueueError::UnknownAppservice(id.to_owned()));
         };
         if a.in_flight.is_some() {
+            fx.log(
+                LogLevel::Info,
+                Some(id),
+                "retry forced while a send is in flight; its outcome decides what follows",
+            );
             return Ok(());
         }
         if let Some(timer) = a.timer.take() {

@@ -2259,3 +2259,18 @@ fn a_backlog_beyond_the_cache_is_read_a_page_at_a_time() {
     // head; 401 to 1101 come from two scans of four chunks each.
     assert_eq!(h.world.scans - scans_before, 2);
 }
+
+/// A retry forced while a send is in flight sends nothing more (one send at a time), but the
+/// operator's request is logged.
+#[test]
+fn force_retry_while_a_send_is_in_flight_only_logs() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_range(AS1, [1]);
+    assert_eq!(h.force_retry(AS1), Ok(()));
+    assert_eq!(h.sends(AS1).len(), 1);
+    let logged = h.logs(LogLevel::Info, "retry forced while a send is in flight");
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].appservice.as_deref(), Some(AS1));
+    h.ok(AS1);
+    assert_eq!(h.delivered(AS1), vec![1]);
+}

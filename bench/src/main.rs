@@ -178,11 +178,11 @@ fn main() -> ExitCode {
                 OnceStore::File => StoreKind::File,
                 OnceStore::Memory => StoreKind::Memory,
             };
-            let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
+            let work = WorkDir::create();
             let result = runtime().block_on(async {
                 let receiver = Receiver::start(port, appservices)?;
                 let n = usize::from(appservices);
-                let bench = Bench::start(&work, &receiver, n, n, store);
+                let bench = Bench::start(&work.0, &receiver, n, n, store);
                 if let Some(rate) = rate {
                     let l = workloads::latency(
                         &bench.host,
@@ -214,7 +214,7 @@ fn main() -> ExitCode {
                 );
                 anyhow::Ok(())
             });
-            let _ = std::fs::remove_dir_all(&work);
+            drop(work);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
@@ -407,12 +407,29 @@ fn machine() -> String {
     )
 }
 
+/// The folder a run keeps its stores and the compiled plugin in; removed when the run ends,
+/// also when it panics.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> WorkDir {
+        let dir = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("the temp folder is writable");
+        WorkDir(dir)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn suite(args: SuiteArgs) -> ExitCode {
     let runtime = runtime();
-    let work = std::env::temp_dir().join(format!("asched-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&work).expect("the temp folder is writable");
-    let result = runtime.block_on(run_suite(&args, &work));
-    let _ = std::fs::remove_dir_all(&work);
+    let work = WorkDir::create();
+    let result = runtime.block_on(run_suite(&args, &work.0));
+    drop(work);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -940,6 +957,20 @@ mod tests {
 
     /// Median, min and max of an odd and an even number of runs.
     /// Installing Synapse and skipping it contradict each other; the suite refuses both.
+    #[test]
+    fn the_work_folder_is_removed_when_a_run_panics() {
+        let mut kept = None;
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let work = WorkDir::create();
+            std::fs::write(work.0.join("scheduler.sqlite"), b"x").unwrap();
+            kept = Some(work.0.clone());
+            panic!("a run fails");
+        }));
+        assert!(unwound.is_err());
+        let kept = kept.expect("the run made its folder");
+        assert!(!kept.exists(), "{} is left behind", kept.display());
+    }
+
     #[test]
     fn install_synapse_conflicts_with_no_synapse() {
         use clap::Parser as _;

@@ -360,3 +360,42 @@ fn f17_unreadable_body_is_never_sent_partial() {
     );
     sim.finish().unwrap_or_else(|f| panic!("{f}"));
 }
+
+/// A power loss at any moment of a delivery (the store loses what was committed since the host
+/// last let an effect out) loses no acknowledged event and never sends a transaction after a
+/// later one: the txn that follows a delivered one leaves only once the delivery is durable.
+/// What was in flight, or delivered without anything let out since, is resent under its id.
+#[test]
+fn power_losses_lose_and_reorder_nothing() {
+    // [1] is sent at 0 ms and answered at 10, [2, 3] then sent and answered at 20.
+    for at in [0, 5, 10, 11, 15, 20, 21, 25, 40] {
+        let mut sim = Sim::scripted(shipped(), 1, config());
+        sim.script(0, |_| ok(10));
+        for _ in 0..3 {
+            assert!(sim.enqueue_one(0).1);
+        }
+        sim.run_for(at);
+        sim.lose_power();
+        assert!(sim.enqueue_one(0).1);
+        sim.run_for(1_000);
+        let sent = requests(&mut sim);
+        let seqs: Vec<Vec<u64>> = sent.iter().map(|(_, seqs)| seqs.clone()).collect();
+        if at < 10 {
+            assert_eq!(
+                seqs,
+                [vec![1], vec![1], vec![2, 3, 4]],
+                "power loss at {at} ms"
+            );
+            assert_eq!(sent[1].0, sent[0].0, "power loss at {at} ms");
+        } else {
+            assert_eq!(
+                seqs,
+                [vec![1], vec![2, 3], vec![2, 3], vec![4]],
+                "power loss at {at} ms"
+            );
+            assert_eq!(sent[2].0, sent[1].0, "power loss at {at} ms");
+        }
+        sim.finish()
+            .unwrap_or_else(|f| panic!("power loss at {at} ms: {f}"));
+    }
+}

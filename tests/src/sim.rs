@@ -4,7 +4,9 @@
 //! (latency, refused and reset connections, timeouts, 5xx, 401/403, 413 above a body size, slow
 //! answers, answers lost after the appservice processed the transaction), when the store fails
 //! (single operations, windows of unavailability, slow commits), when the host crashes (the
-//! instance and all host memory dropped, only the store kept) and when the plugin traps.
+//! instance and all host memory dropped, only the store kept; in a power loss, the store also
+//! loses what was committed since the host last let an effect out, as the host makes commits
+//! durable only before it starts a send or answers an enqueue) and when the plugin traps.
 //! Time is virtual: it jumps to the next timer or send completion.
 //!
 //! The store is the reference host's own [`SqliteStore`] (in memory, which survives a simulated
@@ -12,7 +14,9 @@
 //! embeds, or a test build of it (see [`Variant`]).
 //!
 //! The [`Checker`] is kept apart from the workload: it sees every request the appservices get
-//! and every acknowledgement the plugin gives, and fails the run with the seed, every derived
+//! and every acknowledgement the plugin gives, checks them (nothing acknowledged is lost, each
+//! event arrives once and in order, a txn id always carries the same bytes, no txn goes out after a later
+//! one of the same epoch), and fails the run with the seed, every derived
 //! parameter, the violation and the last steps. A run has a safety phase (faults on, checked
 //! after every step) and a liveness phase (the world healed; every acknowledged event must be
 //! delivered within a bound).
@@ -24,7 +28,7 @@ use asched_host::runtime::{
     Plugin, PluginImports, PluginPre, api, clock, http_send, log, plugin_linker, random, store,
     timer, to_wit_error, types, writes_from_wit,
 };
-use asched_host::store::SqliteStore;
+use asched_host::store::{SqliteStore, Write};
 use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Engine, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -189,7 +193,7 @@ pub struct Params {
     pub net: Vec<NetProfile>,
     /// The store's faults during the safety phase.
     pub store: StoreFaults,
-    /// Per-mille chance that a step crashes the host.
+    /// Per-mille chance that a step crashes the host (half of the crashes are power losses).
     pub crash: u64,
     /// Per-mille chance that a step makes the plugin trap (test builds only).
     pub trap: u64,
@@ -293,6 +297,10 @@ struct World {
     store_ops: u64,
     /// A fault was injected during the current call.
     fault_injected: bool,
+    /// What each commit since the host last let an effect out overwrote, oldest first. The
+    /// host makes commits durable only before it lets an effect out (starts a send, answers an
+    /// enqueue), so a power loss undoes these.
+    undo: Vec<Vec<(String, Option<Vec<u8>>)>>,
     host: Host,
     due: BTreeSet<(u64, u64, Due)>,
     due_seq: u64,
@@ -305,6 +313,49 @@ struct World {
 }
 
 impl World {
+    /// The values `writes` will replace or remove, for [`World::lose_power`].
+    fn overwritten(
+        &self,
+        writes: &[Write],
+    ) -> Result<Vec<(String, Option<Vec<u8>>)>, asched_host::store::StoreError> {
+        let mut before = Vec::new();
+        for write in writes {
+            match write {
+                Write::Put(key, _) | Write::Delete(key) => {
+                    before.push((key.clone(), self.store.get(key)?));
+                }
+                Write::DeleteRange(start, end) => {
+                    for (key, value) in self.store.scan(start, end, u32::MAX)? {
+                        before.push((key, Some(value)));
+                    }
+                }
+            }
+        }
+        Ok(before)
+    }
+
+    /// The host let an effect out: every commit so far is durable.
+    fn effect_let_out(&mut self) {
+        self.undo.clear();
+    }
+
+    /// The machine loses power: the commits made since the host last let an effect out are
+    /// gone, newest first.
+    fn lose_power(&mut self) {
+        let undo = std::mem::take(&mut self.undo);
+        for before in undo.into_iter().rev() {
+            for (key, value) in before.into_iter().rev() {
+                let write = match value {
+                    Some(value) => Write::Put(key, value),
+                    None => Write::Delete(key),
+                };
+                self.store
+                    .commit(&[write])
+                    .expect("the simulated disk restores what it had");
+            }
+        }
+    }
+
     fn handle(&mut self) -> u64 {
         self.next_handle += 1;
         self.next_handle
@@ -452,6 +503,8 @@ pub struct Checker {
     processed_txns: Vec<BTreeSet<String>>,
     /// Per appservice: the body each txn id was sent with.
     bodies: Vec<BTreeMap<String, Vec<u8>>>,
+    /// Per appservice: the highest txn counter sent so far, per txn-id epoch.
+    highest_sent: Vec<BTreeMap<String, u64>>,
     /// The first violation seen.
     violation: Option<String>,
     /// Requests sent, per appservice.
@@ -468,6 +521,7 @@ impl Checker {
             undelivered: vec![BTreeSet::new(); appservices],
             processed_txns: vec![BTreeSet::new(); appservices],
             bodies: vec![BTreeMap::new(); appservices],
+            highest_sent: vec![BTreeMap::new(); appservices],
             violation: None,
             requests: vec![0; appservices],
         }
@@ -496,6 +550,26 @@ impl Checker {
         }
         if event_seqs(body).is_empty() {
             self.fail(format!("txn {txn_id} to as{appservice} carries no events"));
+        }
+        let Some((epoch, counter)) = txn_id
+            .split_once('.')
+            .and_then(|(epoch, counter)| Some((epoch, counter.parse::<u64>().ok()?)))
+        else {
+            self.fail(format!(
+                "txn id {txn_id} to as{appservice} is not epoch.counter"
+            ));
+            return;
+        };
+        let highest = self.highest_sent[appservice]
+            .entry(epoch.to_owned())
+            .or_insert(counter);
+        if counter < *highest {
+            let later = format!("{epoch}.{highest}");
+            self.fail(format!(
+                "txn {txn_id} to as{appservice} was sent after the later txn {later}: an appservice that remembers only its last txn id would process it again, out of order"
+            ));
+        } else {
+            *highest = counter;
         }
     }
 
@@ -655,10 +729,11 @@ impl store::Host for SimState {
         if world.faults_on && world.rng.chance(world.faults.slow_commit) {
             world.now_ms += world.rng.range(1, 200);
         }
-        world
-            .store
-            .commit(&writes_from_wit(ops))
-            .map_err(to_wit_error)
+        let writes = writes_from_wit(ops);
+        let before = world.overwritten(&writes).map_err(to_wit_error)?;
+        world.store.commit(&writes).map_err(to_wit_error)?;
+        world.undo.push(before);
+        Ok(())
     }
 }
 
@@ -679,6 +754,7 @@ impl http_send::Host for SimState {
             .values()
             .filter(|f| f.appservice == index)
             .count();
+        world.effect_let_out();
         world.checker.on_send(index, &txn_id, &body, others);
         let seqs = event_seqs(&body);
         world.sent.push(SentRequest {
@@ -892,6 +968,7 @@ impl<'c> Sim<'c> {
             faults_on: true,
             store_ops: 0,
             fault_injected: false,
+            undo: Vec::new(),
             host: Host {
                 in_flight: BTreeMap::new(),
                 timers: BTreeSet::new(),
@@ -1111,6 +1188,7 @@ impl<'c> Sim<'c> {
         });
         let summary: Vec<String> = seqs.iter().map(|(a, s)| format!("as{a}:{s:?}")).collect();
         let Some(results) = results else { return };
+        self.world().effect_let_out();
         let mut outcome = Vec::new();
         for ((appservice, these), result) in seqs.iter().zip(&results) {
             match result {
@@ -1249,8 +1327,12 @@ impl<'c> Sim<'c> {
             return;
         }
         if crash {
-            self.note("crash".into());
+            let power = self.world().rng.chance(500);
+            self.note(if power { "power loss" } else { "crash" }.into());
             self.stop_instance(true);
+            if power {
+                self.world().lose_power();
+            }
             self.boot();
             return;
         }
@@ -1417,6 +1499,9 @@ impl<'c> Sim<'c> {
             items: vec![api::Item::RoomEvent(json)],
         }];
         let results = self.call("enqueue", |api, store| api.call_enqueue(store, &batch));
+        if results.is_some() {
+            self.world().effect_let_out();
+        }
         let acked = matches!(results.as_deref(), Some([Ok(_)]));
         if acked {
             self.world().checker.on_acked(appservice, &[seq]);
@@ -1450,6 +1535,15 @@ impl<'c> Sim<'c> {
     pub fn crash(&mut self) {
         self.note("crash".into());
         self.stop_instance(true);
+        self.boot();
+    }
+
+    /// The machine loses power: as [`Sim::crash`], and the store loses every commit made since
+    /// the host last let an effect out.
+    pub fn lose_power(&mut self) {
+        self.note("power loss".into());
+        self.stop_instance(true);
+        self.world().lose_power();
         self.boot();
     }
 

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use asched_tests::{
-    Receiver, Reply, Serve, api_client_builder, event, registration_yaml, temp_dir, wait_for_exit,
+    Receiver, Reply, Serve, TempDir, api_client_builder, event, registration_yaml, temp_dir,
+    wait_for_exit,
 };
 use serde_json::{Value, json};
 
@@ -45,7 +46,7 @@ fn good(id: &str) -> String {
 }
 
 /// A folder holding `files` (name, content).
-fn folder(name: &str, files: &[(&str, String)]) -> PathBuf {
+fn folder(name: &str, files: &[(&str, String)]) -> TempDir {
     let dir = temp_dir(name);
     for (file, text) in files {
         std::fs::write(dir.join(file), text).expect("the temp folder is writable");
@@ -280,11 +281,12 @@ fn serve_refuses_a_bad_registration_or_a_short_secret() {
     assert!(output.stdout.is_empty(), "it never listened");
 
     // A missing secret file is named too.
-    let secret_file = temp_dir("refused-no-secret").join("missing-secret");
+    let no_secret = temp_dir("refused-no-secret");
+    let secret_file = no_secret.join("missing-secret");
     let output = run(&[
         "serve".as_ref(),
         "--data-dir".as_ref(),
-        temp_dir("refused-no-secret").join("store").as_os_str(),
+        no_secret.join("store").as_os_str(),
         "--registration".as_ref(),
         dir.as_os_str(),
         "--secret-file".as_ref(),
@@ -562,7 +564,7 @@ async fn crash_run(run: CrashRun) {
     }
     let data_dir = temp_dir("crash");
     let start = {
-        let (data_dir, regs) = (data_dir.clone(), regs.clone());
+        let (data_dir, regs) = (data_dir.to_path_buf(), regs.to_path_buf());
         let cap = run.max_events_per_txn.to_string();
         move || {
             let args = [

@@ -52,7 +52,7 @@ async fn a_second_host_on_the_same_data_folder_is_refused() {
     let regs = || vec![registration("as1", Some(&receiver.url()))];
     let first = TestHost::start(&dir, regs(), fast_retries());
     let config = asched_host::HostConfig {
-        data_dir: dir.clone(),
+        data_dir: dir.to_path_buf(),
         registrations: regs(),
         plugin_path: None,
         scheduler: fast_retries(),

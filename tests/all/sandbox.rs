@@ -8,8 +8,8 @@ use asched_host::EnqueueError;
 use asched_host::runtime::Sandbox;
 use asched_tests::variants::Variant;
 use asched_tests::{
-    Receiver, Reply, Request, TestHost, assert_one_body_per_txn_id, event, fast_retries, ids,
-    registration, temp_dir,
+    Receiver, Reply, Request, TempDir, TestHost, assert_one_body_per_txn_id, event, fast_retries,
+    ids, registration, temp_dir,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -196,10 +196,11 @@ async fn a_build_that_traps_in_probation_is_rolled_back() {
     host.stop().await;
 }
 
-/// A host whose plugin is the test build that misbehaves on request, with `sandbox` limits.
-fn misbehaving_host(name: &str, receiver: &Receiver, sandbox: Sandbox) -> TestHost {
+/// A host whose plugin is the test build that misbehaves on request, with `sandbox` limits,
+/// and its data folder (removed when dropped).
+fn misbehaving_host(name: &str, receiver: &Receiver, sandbox: Sandbox) -> (TempDir, TestHost) {
     let dir = temp_dir(name);
-    TestHost::start_with(
+    let host = TestHost::start_with(
         &dir,
         vec![registration("as1", Some(&receiver.url()))],
         fast_retries(),
@@ -207,7 +208,8 @@ fn misbehaving_host(name: &str, receiver: &Receiver, sandbox: Sandbox) -> TestHo
             config.plugin_path = Some(Variant::Traps.path());
             config.sandbox = sandbox;
         },
-    )
+    );
+    (dir, host)
 }
 
 /// An event that asks the test build to misbehave in `way` (`loop`, `hog` or `trap`).
@@ -226,7 +228,7 @@ async fn a_runaway_loop_is_interrupted_and_delivery_continues() {
         call_deadline: Duration::from_millis(300),
         ..Sandbox::default()
     };
-    let host = misbehaving_host("loop", &receiver, sandbox);
+    let (_dir, host) = misbehaving_host("loop", &receiver, sandbox);
     host.enqueue_each("as1", (1..=5).map(event)).await;
     let started = Instant::now();
     let refused = host.host.enqueue("as1", vec![poison("loop")]).await;
@@ -259,7 +261,7 @@ async fn a_memory_hog_is_stopped_by_the_cap() {
         memory_bytes_max: 32 * 1024 * 1024,
         ..Sandbox::default()
     };
-    let host = misbehaving_host("hog", &receiver, sandbox);
+    let (_dir, host) = misbehaving_host("hog", &receiver, sandbox);
     host.enqueue_each("as1", (1..=5).map(event)).await;
     let refused = host.host.enqueue("as1", vec![poison("hog")]).await;
     assert!(
@@ -284,7 +286,7 @@ async fn a_memory_hog_is_stopped_by_the_cap() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trap_loses_nothing_acknowledged() {
     let receiver = Receiver::healthy().await;
-    let host = misbehaving_host("trap", &receiver, Sandbox::default());
+    let (_dir, host) = misbehaving_host("trap", &receiver, Sandbox::default());
     host.enqueue_each("as1", (1..=5).map(event)).await;
     let refused = host.host.enqueue("as1", vec![poison("trap")]).await;
     assert!(

@@ -2,14 +2,14 @@
 //! forced retries, status, and where it may listen.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use asched_tests::{
-    Receiver, Reply, Serve, api_client_builder, event, ids, registration_yaml, temp_dir,
+    Receiver, Reply, Serve, TempDir, api_client_builder, event, ids, registration_yaml, temp_dir,
     wait_for_exit,
 };
 use serde_json::{Value, json};
@@ -47,7 +47,7 @@ impl Drop for Running {
 }
 
 /// Writes one registration file per `(id, url)` into a fresh folder and returns it.
-fn registrations(name: &str, appservices: &[(&str, Option<&str>)]) -> PathBuf {
+fn registrations(name: &str, appservices: &[(&str, Option<&str>)]) -> TempDir {
     let dir = temp_dir(&format!("{name}-registrations"));
     for (id, url) in appservices {
         std::fs::write(dir.join(format!("{id}.yaml")), registration_yaml(id, *url))
@@ -170,7 +170,8 @@ fn error_body(errcode: &str, error: &str) -> Value {
 async fn enqueue_answers_the_count_and_events_arrive_in_order() {
     let receiver = Receiver::healthy().await;
     let regs = registrations("enqueue", &[("as1", Some(&receiver.url()))]);
-    let serve = Running::start(&temp_dir("enqueue"), &regs, &[]);
+    let data_dir = temp_dir("enqueue");
+    let serve = Running::start(&data_dir, &regs, &[]);
     let api = Api::new(serve.serve());
 
     assert_eq!(
@@ -204,11 +205,8 @@ async fn refusals_answer_their_errcode_and_store_nothing() {
         "refusals",
         &[("as1", Some(&receiver.url())), ("silent", None)],
     );
-    let serve = Running::start(
-        &temp_dir("refusals"),
-        &regs,
-        &["--max-request-bytes", "8192"],
-    );
+    let data_dir = temp_dir("refusals");
+    let serve = Running::start(&data_dir, &regs, &["--max-request-bytes", "8192"]);
     let api = Api::new(serve.serve());
 
     assert_eq!(
@@ -414,11 +412,8 @@ async fn retry_skips_the_backoff() {
     let healthy = Arc::new(AtomicBool::new(false));
     let receiver = flaky_receiver(healthy.clone()).await;
     let regs = registrations("retry", &[("as1", Some(&receiver.url())), ("silent", None)]);
-    let serve = Running::start(
-        &temp_dir("retry"),
-        &regs,
-        &["--retry-delay-ms-initial", "60000"],
-    );
+    let data_dir = temp_dir("retry");
+    let serve = Running::start(&data_dir, &regs, &["--retry-delay-ms-initial", "60000"]);
     let api = Api::new(serve.serve());
 
     assert_eq!(
@@ -492,8 +487,9 @@ async fn status_reports_every_field_of_a_down_appservice() {
             ("up", Some(&healthy.url())),
         ],
     );
+    let data_dir = temp_dir("status");
     let serve = Running::start(
-        &temp_dir("status"),
+        &data_dir,
         &regs,
         &[
             "--retry-delay-ms-initial",

@@ -410,15 +410,50 @@ pub fn fast_retries() -> SchedulerConfig {
     }
 }
 
-/// A fresh, empty folder under the system's temp folder.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh, empty folder under the system's temp folder; removed when dropped, unless the test
+/// is failing (then its path is printed, to look inside).
+pub fn temp_dir(name: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!(
         "asched-test-{name}-{}-{}",
         std::process::id(),
         asched_host::runtime::random_u64()
     ));
     std::fs::create_dir_all(&dir).expect("the temp folder is writable");
-    dir
+    TempDir(dir)
+}
+
+/// A folder made by [`temp_dir`].
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept the folder of the failing test: {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// A host on a real SQLite file in `data_dir`.

@@ -955,8 +955,7 @@ mod tests {
         assert_eq!(event(12_345_678, "ev").len(), 408);
     }
 
-    /// Median, min and max of an odd and an even number of runs.
-    /// Installing Synapse and skipping it contradict each other; the suite refuses both.
+    /// A run that panics still removes its work folder.
     #[test]
     fn the_work_folder_is_removed_when_a_run_panics() {
         let mut kept = None;
@@ -971,6 +970,7 @@ mod tests {
         assert!(!kept.exists(), "{} is left behind", kept.display());
     }
 
+    /// Installing Synapse and skipping it contradict each other; the suite refuses both.
     #[test]
     fn install_synapse_conflicts_with_no_synapse() {
         use clap::Parser as _;
@@ -981,6 +981,7 @@ mod tests {
         assert!(Cli::try_parse_from(["asched-bench", "--install-synapse"]).is_ok());
     }
 
+    /// Median, min and max of an odd and an even number of runs.
     #[test]
     fn spread_takes_median_min_and_max() {
         let odd = spread(&[3.0, 1.0, 2.0]).expect("values");

@@ -15,8 +15,8 @@
 //!
 //! The [`Checker`] is kept apart from the workload: it sees every request the appservices get
 //! and every acknowledgement the plugin gives, checks them (nothing acknowledged is lost, each
-//! event arrives once and in order, a txn id always carries the same bytes, no txn goes out after a later
-//! one of the same epoch), and fails the run with the seed, every derived
+//! event arrives once and in order, a txn id always carries the same bytes, no txn goes out
+//! after a later one of the same epoch), and fails the run with the seed, every derived
 //! parameter, the violation and the last steps. A run has a safety phase (faults on, checked
 //! after every step) and a liveness phase (the world healed; every acknowledged event must be
 //! delivered within a bound).

@@ -5,8 +5,9 @@
 //! answers, answers lost after the appservice processed the transaction), when the store fails
 //! (single operations, windows of unavailability, slow commits), when the host crashes (the
 //! instance and all host memory dropped, only the store kept; in a power loss, the store also
-//! loses what was committed since the host last let an effect out, as the host makes commits
-//! durable only before it starts a send or answers an enqueue) and when the plugin traps.
+//! loses some or all of what was committed since the host last let an effect out, newest
+//! first, as the host makes commits durable only before it starts a send or answers an
+//! enqueue) and when the plugin traps.
 //! Time is virtual: it jumps to the next timer or send completion.
 //!
 //! The store is the reference host's own [`SqliteStore`] (in memory, which survives a simulated
@@ -339,11 +340,12 @@ impl World {
         self.undo.clear();
     }
 
-    /// The machine loses power: the commits made since the host last let an effect out are
-    /// gone, newest first.
-    fn lose_power(&mut self) {
+    /// The machine loses power: of the commits made since the host last let an effect out,
+    /// only the oldest `kept` survive (the store keeps its commits in order, up to some point);
+    /// the others are undone, newest first.
+    fn lose_power(&mut self, kept: usize) {
         let undo = std::mem::take(&mut self.undo);
-        for before in undo.into_iter().rev() {
+        for before in undo.into_iter().skip(kept).rev() {
             for (key, value) in before.into_iter().rev() {
                 let write = match value {
                     Some(value) => Write::Put(key, value),
@@ -1331,7 +1333,9 @@ impl<'c> Sim<'c> {
             self.note(if power { "power loss" } else { "crash" }.into());
             self.stop_instance(true);
             if power {
-                self.world().lose_power();
+                let world = self.world();
+                let kept = world.rng.range(0, world.undo.len() as u64) as usize;
+                world.lose_power(kept);
             }
             self.boot();
             return;
@@ -1543,7 +1547,7 @@ impl<'c> Sim<'c> {
     pub fn lose_power(&mut self) {
         self.note("power loss".into());
         self.stop_instance(true);
-        self.world().lose_power();
+        self.world().lose_power(0);
         self.boot();
     }
 

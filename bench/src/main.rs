@@ -407,6 +407,10 @@ fn machine() -> String {
     )
 }
 
+/// The workloads of Synapse's driver run once per suite run: one appservice, 100 appservices,
+/// latency.
+const SYNAPSE_WORKLOADS: [&str; 3] = ["a", "b", "c"];
+
 /// The folder a run keeps its stores and the compiled plugin in; removed when the run ends,
 /// also when it panics.
 struct WorkDir(PathBuf);
@@ -509,7 +513,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
             refs::http_limit(&receiver, txn_body.clone(), Duration::from_secs(3)).await * 100.0,
         );
         if let Ok(setup) = &synapse {
-            for workload in ["a", "b", "c"] {
+            for workload in SYNAPSE_WORKLOADS {
                 let setup = setup.clone();
                 let result = tokio::task::block_in_place(|| {
                     refs::synapse_run(&setup, &receiver, workload, args.events)
@@ -675,7 +679,7 @@ fn print_report(
         println!(
             "- Synapse: {} of its {} runs FAILED (the first: {first}); its figures are of the runs that did not",
             synapse_failures.len(),
-            3 * args.runs
+            SYNAPSE_WORKLOADS.len() * args.runs
         );
     }
     println!();

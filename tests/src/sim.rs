@@ -345,17 +345,19 @@ impl World {
     /// the others are undone, newest first.
     fn lose_power(&mut self, kept: usize) {
         let undo = std::mem::take(&mut self.undo);
-        for before in undo.into_iter().skip(kept).rev() {
-            for (key, value) in before.into_iter().rev() {
-                let write = match value {
-                    Some(value) => Write::Put(key, value),
-                    None => Write::Delete(key),
-                };
-                self.store
-                    .commit(&[write])
-                    .expect("the simulated disk restores what it had");
-            }
-        }
+        let restore: Vec<Write> = undo
+            .into_iter()
+            .skip(kept)
+            .rev()
+            .flat_map(|before| before.into_iter().rev())
+            .map(|(key, value)| match value {
+                Some(value) => Write::Put(key, value),
+                None => Write::Delete(key),
+            })
+            .collect();
+        self.store
+            .commit(&restore)
+            .expect("the simulated disk restores what it had");
     }
 
     fn handle(&mut self) -> u64 {
@@ -1143,6 +1145,19 @@ impl<'c> Sim<'c> {
         }
     }
 
+    /// Calls `enqueue`; its answers leave the host, so every commit so far is durable (unless
+    /// the call trapped: then nothing was answered).
+    fn call_enqueue(
+        &mut self,
+        batches: &[api::EnqueueBatch],
+    ) -> Option<Vec<Result<u32, api::EnqueueError>>> {
+        let results = self.call("enqueue", |api, store| api.call_enqueue(store, batches));
+        if results.is_some() {
+            self.world().effect_let_out();
+        }
+        results
+    }
+
     fn enqueue(&mut self) {
         let (batches, trap) = {
             let world = self.world();
@@ -1185,12 +1200,9 @@ impl<'c> Sim<'c> {
             .in_flight
             .values()
             .any(|f| f.appservice == 0);
-        let results = self.call("enqueue", |api, store| {
-            api.call_enqueue(store, &api_batches)
-        });
+        let results = self.call_enqueue(&api_batches);
         let summary: Vec<String> = seqs.iter().map(|(a, s)| format!("as{a}:{s:?}")).collect();
         let Some(results) = results else { return };
-        self.world().effect_let_out();
         let mut outcome = Vec::new();
         for ((appservice, these), result) in seqs.iter().zip(&results) {
             match result {
@@ -1502,10 +1514,7 @@ impl<'c> Sim<'c> {
             appservice: appservice_id(appservice),
             items: vec![api::Item::RoomEvent(json)],
         }];
-        let results = self.call("enqueue", |api, store| api.call_enqueue(store, &batch));
-        if results.is_some() {
-            self.world().effect_let_out();
-        }
+        let results = self.call_enqueue(&batch);
         let acked = matches!(results.as_deref(), Some([Ok(_)]));
         if acked {
             self.world().checker.on_acked(appservice, &[seq]);

@@ -398,7 +398,9 @@ impl Scheduler {
     }
 
     /// Stores each batch and starts sends for idle appservices. One commit covers every
-    /// accepted batch, so many enqueues share one durable write.
+    /// accepted batch, so many enqueues share one durable write. An appservice that is up with
+    /// nothing queued or in flight gets its transaction formed from the new events and stored
+    /// in that same commit, so a lone event costs one write before it is sent, not two.
     pub fn enqueue(
         &mut self,
         fx: &mut impl Effects,
@@ -415,6 +417,14 @@ impl Scheduler {
         }
         if touched.is_empty() {
             return results;
+        }
+        let mut formed = BTreeMap::new();
+        for (id, record) in &mut touched {
+            let a = &self.appservices[id];
+            if let Some(next) = self.form_from_new_chunks(a, record, &chunks) {
+                ops.extend(next.ops(&a.keys));
+                formed.insert(id.clone(), next);
+            }
         }
         for (id, record) in &touched {
             let keys = &self.appservices[id].keys;
@@ -458,9 +468,52 @@ impl Scheduler {
             }
         }
         for id in staged {
-            self.dispatch(fx, &id, false);
+            match formed.remove(&id) {
+                Some(next) => {
+                    let a = self
+                        .appservices
+                        .get_mut(&id)
+                        .expect("staged ids are registered");
+                    a.txn = Some(next.txn);
+                    self.start_send(fx, &id, &next.body);
+                }
+                None => self.dispatch(fx, &id, false),
+            }
         }
         results
+    }
+
+    /// The transaction of an appservice that was idle with an empty queue, formed from the
+    /// chunks just staged for it (`record` is its record as the commit will leave it, and its
+    /// next txn number is taken). `None` when the appservice is not idle and up, or had events
+    /// queued before: then [`Scheduler::dispatch`] decides after the commit, as for any queue.
+    fn form_from_new_chunks(
+        &self,
+        a: &Appservice,
+        record: &mut Record,
+        chunks: &[(String, u64, Vec<u8>)],
+    ) -> Option<NextTxn> {
+        let idle = a.phase == Phase::Up
+            && a.txn.is_none()
+            && a.in_flight.is_none()
+            && a.timer.is_none()
+            && !a.unrecorded_success
+            && a.record.head == a.record.tail;
+        if !idle {
+            return None;
+        }
+        let mut builder = BodyBuilder::new(
+            record.head,
+            u64::from(a.cap_events),
+            self.config.max_txn_body_bytes as usize,
+        );
+        for (_, seq, value) in chunks.iter().filter(|(id, ..)| *id == a.id) {
+            if builder.feed(*seq, value).ok()?.is_none() {
+                break;
+            }
+        }
+        let built = builder.finish().ok()?;
+        Some(NextTxn::take(record, built))
     }
 
     /// Validates one batch and adds its writes; `touched` holds each appservice's record as it
@@ -710,7 +763,7 @@ impl Scheduler {
             &mut self.cache,
             a,
             0,
-            txn.first,
+            txn.first..txn.end,
             txn.events(),
             usize::MAX,
         )
@@ -780,27 +833,12 @@ impl Scheduler {
             &mut self.cache,
             a,
             first_chunk,
-            head,
+            head..record.tail,
             u64::from(a.cap_events),
             self.config.max_txn_body_bytes as usize,
         )
         .inspect_err(|why| fx.log(LogLevel::Error, Some(id), why))?;
-        let txn = StoredTxn {
-            txn_id: format!("{}.{}", record.epoch, record.next_txn),
-            first: head,
-            end: head + built.events,
-            event_bytes: built.event_bytes,
-            first_enqueued_at_ms: built.first_enqueued_at_ms,
-            keep_from: Some(built.keep_from),
-        };
-        // A deliberately broken build for the simulator's tests reuses the id for new content.
-        if !cfg!(feature = "fault-reuse-txn-id") {
-            record.next_txn += 1;
-        }
-        Ok(NextTxn {
-            txn,
-            body: built.body,
-        })
+        Ok(NextTxn::take(record, built))
     }
 
     /// Hands the stored transaction to the host.
@@ -1196,6 +1234,28 @@ struct NextTxn {
 }
 
 impl NextTxn {
+    /// The transaction of the events `built` from the head of the queue, under the next id of
+    /// `record`, which moves past it.
+    fn take(record: &mut Record, built: Gathered) -> NextTxn {
+        let head = record.head;
+        let txn = StoredTxn {
+            txn_id: format!("{}.{}", record.epoch, record.next_txn),
+            first: head,
+            end: head + built.events,
+            event_bytes: built.event_bytes,
+            first_enqueued_at_ms: built.first_enqueued_at_ms,
+            keep_from: Some(built.keep_from),
+        };
+        // A deliberately broken build for the simulator's tests reuses the id for new content.
+        if !cfg!(feature = "fault-reuse-txn-id") {
+            record.next_txn += 1;
+        }
+        NextTxn {
+            txn,
+            body: built.body,
+        }
+    }
+
     /// The write that stores it.
     fn ops(&self, keys: &Keys) -> Vec<WriteOp> {
         vec![WriteOp::Put(keys.txn(), to_json(&self.txn))]
@@ -1291,8 +1351,10 @@ impl BodyBuilder {
     }
 }
 
-/// Joins up to `max_events` queued events of `a` from `from` on into `{"events":[...]}`
-/// without parsing them again, stopping before the byte cap (the first event always goes in).
+/// Joins up to `max_events` of the queued events `queued` of `a` (from the first one on; the
+/// range ends where the queue does) into `{"events":[...]}` without parsing them again,
+/// stopping before the byte cap (the first event always goes in). Nothing at or past the end of
+/// the range is looked for, so a transaction that takes the whole queue reads no further.
 /// Chunks come from the cache of recent ones when they are there, else from the store; a scan
 /// of the store reads a few chunks at once, and while `a` is not down those that the next
 /// transactions will carry go into the cache, so a backlog is read once, a page at a time.
@@ -1304,13 +1366,17 @@ fn read_queue(
     cache: &mut ChunkCache,
     a: &Appservice,
     first_chunk: u64,
-    from: u64,
+    queued: std::ops::Range<u64>,
     max_events: u64,
     max_body_bytes: usize,
 ) -> Result<Gathered, String> {
+    let from = queued.start;
     let mut builder = BodyBuilder::new(from, max_events, max_body_bytes);
     let mut next: Option<u64> = None;
     loop {
+        if next.is_some_and(|seq| seq >= queued.end) {
+            break;
+        }
         let cached = match next {
             None => cache.covering(&a.id, from),
             Some(seq) => cache.get(&a.id, seq).map(|value| (seq, value)),

@@ -684,6 +684,58 @@ fn first_event_to_idle_appservice_is_sent_at_once_alone() {
     assert!(h.world.timers_set.is_empty(), "no timer is needed to send");
 }
 
+/// An idle appservice's first transaction is stored in the commit that stores its events:
+/// one write and no read of the store before the send. Behind a transaction in flight, events
+/// are stored alone. A machine crash after that resends the stored transaction under its id,
+/// with the same body, and then the event that waited.
+#[test]
+fn an_idle_appservices_txn_is_stored_with_its_events_in_one_commit() {
+    let mut h = Harness::new(config(), &[AS1]);
+    let (commits, scans, gets) = (h.world.commits, h.world.scans, h.world.gets);
+    h.enq_range(AS1, 1..=2);
+    assert_eq!(
+        (
+            h.world.commits - commits,
+            h.world.scans - scans,
+            h.world.gets - gets
+        ),
+        (1, 0, 0)
+    );
+    let first = h.open(AS1);
+    assert_eq!(h.meta(AS1)["next_txn"], 2);
+    h.enq_ok(AS1, &[ev(3)]);
+    assert_eq!(h.world.commits - commits, 2);
+    assert_eq!(
+        h.sends(AS1).len(),
+        1,
+        "nothing more is sent while one is in flight"
+    );
+    h.machine_crash();
+    h.start(&[]).expect("restart");
+    let resent = h.open(AS1);
+    assert_eq!(
+        (resent.txn_id.as_str(), resent.body),
+        (first.txn_id.as_str(), body_of(&[ev(1), ev(2)]))
+    );
+    h.ok(AS1);
+    let next = h.ok(AS1);
+    assert_eq!((next.txn_id, next.body), (h.id(AS1, 2), body_of(&[ev(3)])));
+    assert_eq!(h.delivered(AS1), range(1, 3));
+}
+
+/// The transaction after a delivered one is formed from the chunks kept in memory, and the
+/// store is not read past the end of the queue to look for more.
+#[test]
+fn the_next_txn_from_recent_events_reads_nothing_from_the_store() {
+    let mut h = Harness::new(config(), &[AS1]);
+    h.enq_ok(AS1, &[ev(1)]);
+    h.enq_range(AS1, 2..=3);
+    let (scans, gets) = (h.world.scans, h.world.gets);
+    h.ok(AS1);
+    assert_eq!(h.open(AS1).body, body_of(&[ev(2), ev(3)]));
+    assert_eq!((h.world.scans - scans, h.world.gets - gets), (0, 0));
+}
+
 /// A batch enqueued in one call to an idle appservice travels as one transaction.
 #[test]
 fn batch_to_idle_appservice_travels_as_one_txn() {
@@ -1292,13 +1344,33 @@ fn f5_thousand_events_while_down_drain_in_hundreds() {
 // ---------------------------------------------------------------------------------------------
 
 /// F7: a storage error while forming a txn pauses the queue on a storage timer (growing
-/// delay) and never skips or reorders: E1, E2, E3 go out in order, under id 1.
+/// delay) and never skips or reorders: E1, E2, E3 go out in order, E1 under id 1 and E2 with
+/// E3 under id 2.
 #[test]
 fn f7_storage_error_forming_a_txn_pauses_without_skipping() {
     let mut h = Harness::new(config(), &[AS1]);
-    h.world.fail_scan(1);
-    h.enq_ok(AS1, &[ev(1)]);
+    // An idle appservice's transaction is stored in the commit that stores its events: when
+    // that commit fails, the enqueue is refused and no id is used up.
+    h.world.fail_commit(1);
+    assert_eq!(
+        h.enq(AS1, &[ev(1)]),
+        Err(EnqueueError::Storage(
+            "store unavailable: injected commit fault".into()
+        ))
+    );
     assert!(h.sends(AS1).is_empty());
+    assert_eq!(h.status(AS1).backlog_events, 0);
+    h.enq_ok(AS1, &[ev(1)]);
+    assert_eq!(h.open(AS1).txn_id, h.id(AS1, 1));
+
+    // E2 waits behind E1. A new instance holds no queued chunk in memory, so forming E2's
+    // transaction after E1's success reads the store, which fails (and fails again when the
+    // success, recorded alone, dispatches).
+    h.enq_ok(AS1, &[ev(2)]);
+    h.swap();
+    h.world.fail_scan(1);
+    h.world.fail_scan(2);
+    h.ok(AS1);
     let st = h.status(AS1);
     assert!(st.paused_by_storage);
     assert_eq!(st.phase, Phase::Up);
@@ -1311,22 +1383,18 @@ fn f7_storage_error_forming_a_txn_pauses_without_skipping() {
     assert_eq!(st.current_txn_id, None);
     assert_eq!(st.oldest_enqueued_at_ms, Some(WALL0));
 
-    h.enq_ok(AS1, &[ev(2)]);
     h.enq_ok(AS1, &[ev(3)]);
-    assert!(
-        h.sends(AS1).is_empty(),
-        "a paused queue waits for its timer"
-    );
+    assert_eq!(h.sends(AS1).len(), 1, "a paused queue waits for its timer");
     // The next attempt scans fine but cannot store the txn.
     h.world.fail_commit(1);
     h.advance(1000);
-    assert!(h.sends(AS1).is_empty());
-    assert_eq!(h.meta(AS1)["next_txn"], 1, "no id is used up");
+    assert_eq!(h.sends(AS1).len(), 1);
+    assert_eq!(h.meta(AS1)["next_txn"], 2, "no id is used up");
     assert_eq!(h.delays(), vec![1000, 2000]);
     h.advance(2000);
     let sent = h.ok(AS1);
-    assert_eq!(sent.txn_id, h.id(AS1, 1));
-    assert_eq!(sent.body, body_of(&[ev(1), ev(2), ev(3)]));
+    assert_eq!(sent.txn_id, h.id(AS1, 2));
+    assert_eq!(sent.body, body_of(&[ev(2), ev(3)]));
     assert!(!h.status(AS1).paused_by_storage);
 
     // The same in the middle of a backlog: the txn after a delivered one cannot be stored.
@@ -1342,7 +1410,7 @@ fn f7_storage_error_forming_a_txn_pauses_without_skipping() {
     );
     h.advance(1000);
     let next = h.ok(AS1);
-    assert_eq!(next.txn_id, h.id(AS1, 3));
+    assert_eq!(next.txn_id, h.id(AS1, 4));
     assert_eq!(next.body, body_of(&[ev(5), ev(6)]));
     assert_eq!(h.delivered(AS1), range(1, 6));
 }
@@ -1744,8 +1812,8 @@ fn enqueue_accepts_good_batches_next_to_rejected_ones() {
     );
     assert_eq!(
         h.world.commits,
-        commits + 3,
-        "one enqueue commit, one per new txn"
+        commits + 1,
+        "one commit stores the batches and each idle appservice's new txn"
     );
     assert_eq!(h.open(AS1).body, body_of(&[ev(1), ev(3)]));
     assert_eq!(h.open(AS2).body, body_of(&[ev(2)]));
@@ -1967,23 +2035,28 @@ fn status_reports_exact_backlog_and_retry_fields() {
 #[test]
 fn status_counts_queued_events_as_future_txns() {
     let mut h = Harness::new(config(), &[AS1]);
-    h.world.fail_commit(2); // The first txn cannot be stored.
     h.enq_range(AS1, 1..=150);
+    // After a swap the queued events are read from the store, which fails: the transaction
+    // after the first one cannot be formed, and the queue pauses with none stored.
+    h.swap();
+    h.world.faults.scans = true;
+    h.ok(AS1);
+    h.world.faults.scans = false;
     h.advance(30);
     h.enq_range(AS1, 151..=201);
     let st = h.status(AS1);
-    assert_eq!(st.backlog_txns, 3);
-    assert_eq!(st.backlog_events, 201);
+    assert_eq!(st.backlog_txns, 2);
+    assert_eq!(st.backlog_events, 101);
     assert_eq!(
         st.backlog_bytes,
-        (1..=201).map(|n| ev(n).len() as u64).sum::<u64>()
+        (101..=201).map(|n| ev(n).len() as u64).sum::<u64>()
     );
     assert_eq!(st.oldest_enqueued_at_ms, Some(WALL0));
     assert_eq!(st.current_txn_id, None);
     assert!(st.paused_by_storage);
-    h.world.faults.scans = false;
     h.advance(100_000);
-    assert_eq!(h.drain_ok(AS1).len(), 3);
+    let sizes: Vec<usize> = h.drain_ok(AS1).iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![100, 1]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2140,8 +2213,10 @@ fn huge_delays_neither_overflow_nor_collapse() {
         h.force_retry(AS1).expect("registered");
     }
 
-    h.world.faults.scans = true;
+    // Recording AS2's delivery fails on every try, on the storage timer.
     h.enq_ok(AS2, &[ev(1)]);
+    h.world.faults.commits = true;
+    h.ok(AS2);
     for _ in 0..3 {
         h.force_retry(AS2).expect("registered");
     }

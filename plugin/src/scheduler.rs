@@ -1353,8 +1353,9 @@ impl BodyBuilder {
 
 /// Joins up to `max_events` of the queued events `queued` of `a` (from the first one on; the
 /// range ends where the queue does) into `{"events":[...]}` without parsing them again,
-/// stopping before the byte cap (the first event always goes in). Nothing at or past the end of
-/// the range is looked for, so a transaction that takes the whole queue reads no further.
+/// stopping before the byte cap (the first event always goes in). No chunk at or past the end
+/// of the range is looked up or taken, so a transaction that takes the whole queue reads no
+/// further.
 /// Chunks come from the cache of recent ones when they are there, else from the store; a scan
 /// of the store reads a few chunks at once, and while `a` is not down those that the next
 /// transactions will carry go into the cache, so a backlog is read once, a page at a time.
@@ -1403,7 +1404,7 @@ fn read_queue(
                 .chunk_seq_of(&key)
                 .ok_or_else(|| format!("unexpected key {key} among queued chunks"))?;
             if !done {
-                if next.is_some_and(|expected| seq != expected) {
+                if seq >= queued.end || next.is_some_and(|expected| seq != expected) {
                     done = true;
                 } else {
                     match builder.feed(seq, &value)? {

@@ -1889,12 +1889,20 @@ fn tick_retries_a_down_appservice_whose_timer_was_lost() {
 #[test]
 fn tick_resumes_a_storage_pause_whose_timer_was_lost() {
     let mut h = Harness::new(config(), &[AS1]);
-    h.world.fail_scan(1);
     h.enq_ok(AS1, &[ev(1)]);
+    h.enq_ok(AS1, &[ev(2)]);
+    // A new instance reads E2 from the store to form its transaction, and that read fails
+    // (twice: with the success, and when the success recorded alone dispatches).
+    h.swap();
+    h.world.fail_scan(1);
+    h.world.fail_scan(2);
+    h.ok(AS1);
+    assert!(h.status(AS1).paused_by_storage);
     h.world.timers.clear();
     h.advance(3000);
+    assert_eq!(h.sends(AS1).len(), 1, "the lost timer resumes nothing");
     h.tick();
-    assert_eq!(h.ok(AS1).body, body_of(&[ev(1)]));
+    assert_eq!(h.ok(AS1).body, body_of(&[ev(2)]));
 }
 
 /// Ticks on healthy, idle or busy appservices change nothing.

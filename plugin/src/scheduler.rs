@@ -418,10 +418,17 @@ impl Scheduler {
         if touched.is_empty() {
             return results;
         }
+        let mut staged_chunks: BTreeMap<&str, Vec<(u64, &[u8])>> = BTreeMap::new();
+        for (id, seq, value) in &chunks {
+            staged_chunks.entry(id).or_default().push((*seq, value));
+        }
         let mut formed = BTreeMap::new();
         for (id, record) in &mut touched {
             let a = &self.appservices[id];
-            if let Some(next) = self.form_from_new_chunks(a, record, &chunks) {
+            let new_chunks = staged_chunks
+                .get(id.as_str())
+                .map_or(&[][..], Vec::as_slice);
+            if let Some(next) = self.form_from_new_chunks(a, record, new_chunks) {
                 ops.extend(next.ops(&a.keys));
                 formed.insert(id.clone(), next);
             }
@@ -484,14 +491,15 @@ impl Scheduler {
     }
 
     /// The transaction of an appservice that was idle with an empty queue, formed from the
-    /// chunks just staged for it (`record` is its record as the commit will leave it, and its
-    /// next txn number is taken). `None` when the appservice is not idle and up, or had events
-    /// queued before: then [`Scheduler::dispatch`] decides after the commit, as for any queue.
+    /// chunks just staged for it, in order (`record` is its record as the commit will leave it,
+    /// and its next txn number is taken). `None` when the appservice is not idle and up, or had
+    /// events queued before: then [`Scheduler::dispatch`] decides after the commit, as for any
+    /// queue.
     fn form_from_new_chunks(
         &self,
         a: &Appservice,
         record: &mut Record,
-        chunks: &[(String, u64, Vec<u8>)],
+        chunks: &[(u64, &[u8])],
     ) -> Option<NextTxn> {
         let idle = a.phase == Phase::Up
             && a.txn.is_none()
@@ -507,8 +515,8 @@ impl Scheduler {
             u64::from(a.cap_events),
             self.config.max_txn_body_bytes as usize,
         );
-        for (_, seq, value) in chunks.iter().filter(|(id, ..)| *id == a.id) {
-            if builder.feed(*seq, value).ok()?.is_none() {
+        for &(seq, value) in chunks {
+            if builder.feed(seq, value).ok()?.is_none() {
                 break;
             }
         }

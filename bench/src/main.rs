@@ -119,13 +119,16 @@ struct SuiteArgs {
     /// The receiver's first port; it listens on 1,000 ports from here.
     #[arg(long, default_value_t = 23100, value_parser = clap::value_parser!(u16).range(1024..=64_535))]
     port: u16,
-    /// A Python that can `import synapse`.
-    #[arg(long, default_value = "/tmp/synvenv/bin/python")]
-    synapse_python: PathBuf,
+    /// A Python that can `import synapse` [default: /tmp/synvenv/bin/python]. When given and
+    /// not usable, the suite stops at once; the default, when not usable, leaves Synapse out
+    /// of the run (and the report says so).
+    #[arg(long)]
+    synapse_python: Option<PathBuf>,
     /// The driver that runs Synapse's `ApplicationServiceScheduler` against the receiver
-    /// (`synapse_sched_bench.py` of the Synapse anchor measurements).
-    #[arg(long, default_value = default_synapse_driver())]
-    synapse_driver: PathBuf,
+    /// (`synapse_sched_bench.py` of the Synapse anchor measurements) [default: the anchor's,
+    /// beside this checkout]. When given and not usable, the suite stops at once.
+    #[arg(long)]
+    synapse_driver: Option<PathBuf>,
     /// Create the Python environment of `--synapse-python` (a virtualenv two folders above it)
     /// and install matrix-synapse 1.163.2 into it first.
     #[arg(long, conflicts_with = "no_synapse")]
@@ -133,6 +136,49 @@ struct SuiteArgs {
     /// Skip Synapse even when it is available.
     #[arg(long)]
     no_synapse: bool,
+}
+
+/// The Python of `--synapse-python` when it is not given.
+const DEFAULT_SYNAPSE_PYTHON: &str = "/tmp/synvenv/bin/python";
+
+impl SuiteArgs {
+    fn synapse_python(&self) -> PathBuf {
+        self.synapse_python
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SYNAPSE_PYTHON))
+    }
+
+    fn synapse_driver(&self) -> PathBuf {
+        self.synapse_driver
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(default_synapse_driver()))
+    }
+}
+
+/// Synapse for this run, or why it is left out. A Python or driver the user named that cannot
+/// be used, or an install they asked for that failed, is an error: the run would otherwise go
+/// on for minutes without the comparison they asked for.
+fn choose_synapse(args: &SuiteArgs) -> anyhow::Result<Result<refs::SynapseSetup, String>> {
+    if args.no_synapse {
+        return Ok(Err("skipped (--no-synapse)".to_owned()));
+    }
+    let python = args.synapse_python();
+    if args.install_synapse {
+        let venv = python
+            .parent()
+            .and_then(|bin| bin.parent())
+            .ok_or_else(|| anyhow::anyhow!("--synapse-python must be <venv>/bin/python"))?;
+        eprintln!("installing matrix-synapse into {}", venv.display());
+        refs::install_synapse(venv)
+            .map_err(|why| anyhow::anyhow!("--install-synapse failed: {why}"))?;
+    }
+    let found = refs::find_synapse(&python, &args.synapse_driver());
+    match found {
+        Err(why) if args.synapse_python.is_some() || args.synapse_driver.is_some() => {
+            anyhow::bail!("Synapse cannot be run as given: {why} (or add --no-synapse)")
+        }
+        found => Ok(found),
+    }
 }
 
 /// The Synapse anchor lives beside this repository's checkout in the shared workspace.
@@ -448,6 +494,7 @@ const GROWTH_APPSERVICES: [usize; 4] = [1, 10, 100, 1000];
 
 async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let synapse = choose_synapse(args)?;
     let ports = 1000;
     let receiver = Receiver::start(args.port, ports)?;
     eprintln!(
@@ -455,22 +502,6 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
         args.port,
         args.port + ports - 1
     );
-    let synapse = if args.no_synapse {
-        Err("skipped (--no-synapse)".to_owned())
-    } else {
-        if args.install_synapse {
-            let venv = args
-                .synapse_python
-                .parent()
-                .and_then(|bin| bin.parent())
-                .ok_or_else(|| anyhow::anyhow!("--synapse-python must be <venv>/bin/python"))?;
-            eprintln!("installing matrix-synapse into {}", venv.display());
-            if let Err(error) = refs::install_synapse(venv) {
-                eprintln!("{error}");
-            }
-        }
-        refs::find_synapse(&args.synapse_python, &args.synapse_driver)
-    };
     if let Err(why) = &synapse {
         eprintln!("Synapse is not measured in this run: {why}");
     }
@@ -678,7 +709,7 @@ fn print_report(
     match synapse_missing {
         None => println!(
             "- Synapse: its real ApplicationServiceScheduler (matrix-synapse from {}), in-memory store, same receiver, same run",
-            args.synapse_python.display()
+            args.synapse_python().display()
         ),
         Some(why) => println!("- Synapse: NOT measured in this run: {why}"),
     }
@@ -840,20 +871,21 @@ fn print_report(
         (Some(x), Some(y)) if y > 0.0 => Some(x / y),
         _ => None,
     };
+    // Three decimals: a ratio of 1.097 is within 10 %, and 1.10 would not show that.
     let cpu_ratio = within("reg10k cpu", "reg100 cpu");
     let p50_ratio = within("reg10k p50", "reg100 p50");
     println!(
         "| 10,000 registered, 100 active: CPU per event | within 10 % of 100 registered | {} | {} with 100 registered ({}) | {} |",
         fmt_spread(s.get("reg10k cpu"), "µs"),
         fmt_spread(s.get("reg100 cpu"), "µs"),
-        cpu_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+        cpu_ratio.map_or("-".into(), |x| format!("{x:.3}×")),
         verdict(cpu_ratio.map(|x| x <= 1.10))
     );
     println!(
         "| 10,000 registered, 100 active: latency p50 at 200 ev/s | within 10 % of 100 registered | {} | {} with 100 registered ({}) | {} |",
         fmt_spread(s.get("reg10k p50"), "ms"),
         fmt_spread(s.get("reg100 p50"), "ms"),
-        p50_ratio.map_or("-".into(), |x| format!("{x:.2}×")),
+        p50_ratio.map_or("-".into(), |x| format!("{x:.3}×")),
         verdict(p50_ratio.map(|x| x <= 1.10))
     );
     let drain_size = backlogs
@@ -957,6 +989,39 @@ fn memory_is_flat(small: Spread, large: Spread) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Python or driver named on the command line that cannot be used stops the suite with
+    /// an error that names it; `--no-synapse` leaves Synapse out.
+    #[test]
+    fn a_named_synapse_that_cannot_run_is_an_error() {
+        let args = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(["asched-bench"].iter().chain(extra)).expect("parses");
+            cli.suite
+        };
+        let missing_python = "/nonexistent/asched-bench-test/bin/python";
+        let error = choose_synapse(&args(&["--synapse-python", missing_python]))
+            .expect_err("a missing Python is an error");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "Synapse cannot be run as given: {missing_python} does not exist (give a Python that can `import synapse` with --synapse-python, or add --install-synapse to create it) (or add --no-synapse)"
+            )
+        );
+        let error = choose_synapse(&args(&[
+            "--synapse-python",
+            "python3",
+            "--synapse-driver",
+            "/nonexistent/driver.py",
+        ]))
+        .expect_err("a missing driver is an error");
+        assert_eq!(
+            error.to_string(),
+            "Synapse cannot be run as given: the Synapse driver /nonexistent/driver.py does not exist (give it with --synapse-driver) (or add --no-synapse)"
+        );
+        let skipped = choose_synapse(&args(&["--no-synapse", "--synapse-python", missing_python]))
+            .expect("no error");
+        assert_eq!(skipped.err().as_deref(), Some("skipped (--no-synapse)"));
+    }
 
     /// Memory is flat when the medians agree, whatever step one run took; a median that grows
     /// is not.

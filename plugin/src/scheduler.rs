@@ -502,11 +502,10 @@ impl Scheduler {
         chunks: &[(u64, &[u8])],
     ) -> Option<NextTxn> {
         let idle = a.phase == Phase::Up
-            && a.txn.is_none()
+            && !a.has_backlog()
             && a.in_flight.is_none()
             && a.timer.is_none()
-            && !a.unrecorded_success
-            && a.record.head == a.record.tail;
+            && !a.unrecorded_success;
         if !idle {
             return None;
         }

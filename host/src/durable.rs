@@ -9,6 +9,12 @@
 //! one (group commit), and rounds are let out in the order they were made. The store in memory
 //! needs no fsync, so its rounds are let out at once, on the engine's thread.
 //!
+//! When the engine has nothing else to do and no earlier round waits for the releaser, it
+//! makes its round durable itself ([`Releaser::release_now`]): a lone event then goes from the
+//! engine's fsync straight to the HTTP thread, without waking the releaser's thread in between.
+//! Both paths share one lock around the fsync and its failure state, and the engine hands
+//! rounds over only from its own thread, so the order in which rounds are let out is the same.
+//!
 //! The releaser's first round after it starts is fsynced whatever it carries: a process that
 //! crashed may have left commits in the operating system's cache only, and the new process
 //! must not send what they hold before they are on disk.
@@ -21,8 +27,9 @@
 //! disk. The operator restarts the host once the disk is checked.
 
 use std::fs::File;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -68,12 +75,58 @@ pub fn release(round: Round, net: &Net, inputs: &Sender<Input>) {
 /// The thread that makes rounds durable and lets them out.
 pub struct Releaser {
     rounds: Option<Sender<Round>>,
+    shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Releaser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Releaser").finish_non_exhaustive()
+    }
+}
+
+/// The fsync that makes every commit so far durable.
+type SyncFn = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+
+/// What the releaser's thread and [`Releaser::release_now`] share.
+struct Shared {
+    fsync: Mutex<FsyncState>,
+    /// Rounds handed to the thread and not yet let out.
+    queued: AtomicUsize,
+    net: Arc<Net>,
+    inputs: Sender<Input>,
+}
+
+struct FsyncState {
+    sync: SyncFn,
+    /// No round was let out yet: the next one is fsynced whatever it carries.
+    first: bool,
+    /// Why an fsync failed, once one has.
+    failed: Option<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, FsyncState> {
+        // A panic while the lock was held left no half-done state that matters: `failed` is set
+        // before anything is let out, and a round is let out or failed as a whole.
+        self.fsync.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl FsyncState {
+    /// Makes `rounds` durable with one fsync (when they committed anything, or are the first)
+    /// and lets them out in order.
+    fn flush(&mut self, rounds: Vec<Round>, net: &Net, inputs: &Sender<Input>) {
+        let needs_sync =
+            std::mem::take(&mut self.first) || rounds.iter().any(|round| round.commits);
+        flush(
+            rounds,
+            needs_sync,
+            &mut self.failed,
+            &mut *self.sync,
+            net,
+            inputs,
+        );
     }
 }
 
@@ -85,27 +138,64 @@ impl Releaser {
 
     /// Starts the thread with `sync` as the fsync that makes every commit so far durable.
     pub fn start_with(
-        mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+        sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
         net: Arc<Net>,
         inputs: Sender<Input>,
     ) -> std::io::Result<Self> {
         let (rounds, receiver) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("asched-sync".into())
-            .spawn(move || run(&mut sync, &net, &inputs, &receiver))?;
+        let shared = Arc::new(Shared {
+            fsync: Mutex::new(FsyncState {
+                sync: Box::new(sync),
+                first: true,
+                failed: None,
+            }),
+            queued: AtomicUsize::new(0),
+            net,
+            inputs,
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("asched-sync".into())
+                .spawn(move || run(&shared, &receiver))?
+        };
         Ok(Releaser {
             rounds: Some(rounds),
+            shared,
             thread: Some(thread),
         })
     }
 
     /// Hands over a round; it is let out once every commit before now is durable. Gives the
     /// round back if the thread is gone.
+    ///
+    /// Rounds must be handed over (here and to [`Releaser::release_now`]) from one thread, in
+    /// the order they were made.
     pub fn submit(&self, round: Round) -> Result<(), Round> {
-        match &self.rounds {
-            Some(rounds) => rounds.send(round).map_err(|refused| refused.0),
-            None => Err(round),
+        let Some(rounds) = &self.rounds else {
+            return Err(round);
+        };
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        rounds.send(round).map_err(|refused| {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            refused.0
+        })
+    }
+
+    /// Makes the round durable and lets it out on the caller's thread, if no round handed
+    /// over before it is still waiting; gives it back otherwise, to be handed over with
+    /// [`Releaser::submit`]. For a caller with nothing else to do: it blocks for the fsync.
+    pub fn release_now(&self, round: Round) -> Result<(), Round> {
+        if self.shared.queued.load(Ordering::SeqCst) != 0 {
+            return Err(round);
         }
+        // The thread holds the lock only while it lets rounds out; it counts them off before it
+        // lets go, so a round is never let out here before an earlier one.
+        let Ok(mut state) = self.shared.fsync.try_lock() else {
+            return Err(round);
+        };
+        state.flush(vec![round], &self.shared.net, &self.shared.inputs);
+        Ok(())
     }
 }
 
@@ -119,18 +209,13 @@ impl Drop for Releaser {
     }
 }
 
-fn run(
-    sync: &mut dyn FnMut() -> Result<(), StoreError>,
-    net: &Net,
-    inputs: &Sender<Input>,
-    rounds: &Receiver<Round>,
-) {
-    let mut failed: Option<String> = None;
-    let mut first = true;
+fn run(shared: &Shared, rounds: &Receiver<Round>) {
     while let Ok(round) = rounds.recv() {
         let waiting: Vec<Round> = std::iter::once(round).chain(rounds.try_iter()).collect();
-        let needs_sync = std::mem::take(&mut first) || waiting.iter().any(|round| round.commits);
-        flush(waiting, needs_sync, &mut failed, sync, net, inputs);
+        let count = waiting.len();
+        let mut state = shared.lock();
+        state.flush(waiting, &shared.net, &shared.inputs);
+        shared.queued.fetch_sub(count, Ordering::SeqCst);
     }
 }
 
@@ -325,6 +410,93 @@ mod tests {
         drop(releaser);
         assert_eq!(syncs.load(Ordering::SeqCst), 2, "no retry");
         assert!(reports.try_recv().is_err(), "nothing else was reported");
+    }
+
+    /// With nothing waiting for the thread, `release_now` makes the round durable and lets it
+    /// out before it returns, on the caller's thread; the first round is fsynced whatever it
+    /// carries, later ones only when they committed.
+    #[test]
+    fn release_now_lets_a_round_out_before_it_returns() {
+        let (releaser, _reports, syncs) = releaser(usize::MAX);
+        for (commits, expected) in [(false, 1), (true, 2), (false, 2)] {
+            let (reply, mut answer) = oneshot::channel();
+            let round = round(vec![(reply, Ok(4))], &[], commits);
+            assert!(releaser.release_now(round).is_ok());
+            assert_eq!(
+                answer.try_recv(),
+                Ok(Ok(4)),
+                "answered before release_now returned"
+            );
+            assert_eq!(syncs.load(Ordering::SeqCst), expected, "commits: {commits}");
+        }
+    }
+
+    /// While a round handed to the thread waits for its fsync, `release_now` gives a later
+    /// round back untouched, so that it is let out after the earlier one.
+    #[test]
+    fn release_now_never_overtakes_a_waiting_round() {
+        let (started, fsync_started) = mpsc::channel();
+        let (finish, may_finish) = mpsc::channel::<()>();
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let sync = move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = started.send(());
+            let _ = may_finish.recv();
+            Ok(())
+        };
+        let (inputs, _reports) = mpsc::channel();
+        let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+
+        let (first_reply, first_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(first_reply, Ok(1))], &[], true))
+            .ok()
+            .unwrap();
+        fsync_started
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the thread fsyncs");
+        let (second_reply, mut second_answer) = oneshot::channel();
+        let given_back = releaser
+            .release_now(round(vec![(second_reply, Ok(2))], &[], true))
+            .expect_err("an earlier round waits");
+        assert_eq!(
+            second_answer.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        releaser.submit(given_back).ok().unwrap();
+        finish.send(()).unwrap();
+        finish.send(()).unwrap();
+        assert_eq!(first_answer.blocking_recv().unwrap(), Ok(1));
+        assert_eq!(second_answer.blocking_recv().unwrap(), Ok(2));
+        drop(releaser);
+        assert_eq!(syncs.load(Ordering::SeqCst), 2);
+    }
+
+    /// An fsync that failed on the thread fails the rounds `release_now` lets out too, without
+    /// another fsync.
+    #[test]
+    fn release_now_shares_the_threads_failure() {
+        let (releaser, reports, syncs) = releaser(0);
+        let answer = answer_to(&releaser, Ok(1), &[3], true);
+        assert!(
+            matches!(answer, Err(EnqueueError::Storage(_))),
+            "{answer:?}"
+        );
+        assert_eq!(dropped_sends(next(&reports)), [3]);
+
+        let (reply, mut answer) = oneshot::channel();
+        assert!(
+            releaser
+                .release_now(round(vec![(reply, Ok(5))], &[6], true))
+                .is_ok()
+        );
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Err(EnqueueError::Storage(why))) if why.contains("restart the host")
+        ));
+        assert_eq!(dropped_sends(next(&reports)), [6]);
+        assert_eq!(syncs.load(Ordering::SeqCst), 1, "no retry");
     }
 
     /// The real fsync of a file that cannot be fsynced (a pipe) fails the first round.

@@ -6,7 +6,9 @@
 //! they share one commit), then the other inputs, and ticks the plugin about once a second.
 //! What a round decided (enqueue answers, the transactions it formed) is handed to the
 //! releaser, which lets it out once an fsync has made the round's commits durable, while this
-//! thread goes on with the next round (group commit; see [`crate::durable`]).
+//! thread goes on with the next round (group commit; see [`crate::durable`]). When no input
+//! waits and the releaser has nothing queued, this thread runs the fsync itself and lets the
+//! round out at once.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
 //! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
@@ -611,16 +613,22 @@ impl EngineThread {
     /// The main loop: take what is waiting, process it, rebuild or tick when due.
     fn run(mut self, inputs: &Receiver<Input>) {
         let mut next_tick = Instant::now() + TICK_INTERVAL;
-        self.finish_round();
+        self.finish_round(false);
+        // The first input of the next round, taken to see whether one was waiting.
+        let mut next: Option<Input> = None;
         loop {
             let wake = self
                 .next_rebuild_at
                 .map_or(next_tick, |at| at.min(next_tick));
             let mut round = Vec::new();
-            match inputs.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-                Ok(input) => round.push(input),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            if let Some(input) = next.take() {
+                round.push(input);
+            } else {
+                match inputs.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                    Ok(input) => round.push(input),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
             }
             while round.len() < MAX_INPUTS_PER_ROUND {
                 match inputs.try_recv() {
@@ -632,7 +640,7 @@ impl EngineThread {
                 self.rebuild();
             }
             if !self.process(round) {
-                self.finish_round();
+                self.finish_round(false);
                 // Lets out every round handed over before the thread ends.
                 self.releaser.take();
                 tracing::info!("engine stopped");
@@ -643,14 +651,17 @@ impl EngineThread {
                 self.call("tick", |api, store| api.call_tick(store));
                 next_tick = Instant::now() + TICK_INTERVAL;
             }
-            self.finish_round();
+            next = inputs.try_recv().ok();
+            self.finish_round(next.is_none());
         }
     }
 
     /// Ends a round: its enqueue answers and the transactions it formed go out once its
     /// commits are durable, through the releaser, while the engine goes on (see
-    /// [`crate::durable`]).
-    fn finish_round(&mut self) {
+    /// [`crate::durable`]). When the engine is `idle` (no input waits) it makes the round
+    /// durable itself if the releaser has nothing waiting, which spares a lone event one
+    /// hand-over between threads.
+    fn finish_round(&mut self, idle: bool) {
         let replies = std::mem::take(&mut self.replies);
         let round = match self.io() {
             Some(io) => Round {
@@ -667,6 +678,14 @@ impl EngineThread {
             return;
         }
         if let Some(releaser) = &self.releaser {
+            let round = if idle {
+                match releaser.release_now(round) {
+                    Ok(()) => return,
+                    Err(round) => round,
+                }
+            } else {
+                round
+            };
             if let Err(round) = releaser.submit(round) {
                 let why = "the thread that makes the store's writes durable has stopped; \
                            restart the host";
@@ -729,7 +748,7 @@ impl EngineThread {
                 self.send_finished(id, outcome);
             }
             if !batches.is_empty() {
-                self.finish_round();
+                self.finish_round(false);
             }
         }
         if !batches.is_empty() {

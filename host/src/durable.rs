@@ -3,33 +3,42 @@
 //! The engine commits with `synchronous=NORMAL`: SQLite writes each commit to the WAL and
 //! returns without waiting for the disk. What a round decided (its enqueue answers and the
 //! transactions it formed) must not leave the process before those commits are on disk, but the
-//! engine need not wait for that either. It hands the round to the [`Releaser`], whose thread
-//! (`asched-sync`) fsyncs the WAL and only then answers the enqueues and starts the sends, while
-//! the engine goes on with the next round. Rounds that arrive while an fsync runs share the next
-//! one (group commit), and rounds are let out in the order they were made. The store in memory
-//! needs no fsync, so its rounds are let out at once, on the engine's thread.
+//! engine need not wait for that either. It hands the round to the [`Releaser`], whose threads
+//! (`asched-sync`) fsync the WAL and only then answer the enqueues and start the sends, while
+//! the engine goes on with the next round. An fsync makes durable every round handed over
+//! before it started, so rounds that arrive while one runs share a later one (group commit);
+//! and rounds are let out in the order they were made, each once an fsync that started after
+//! it has returned. The store in memory needs no fsync, so its rounds are let out at once, on
+//! the engine's thread.
 //!
-//! When the engine has nothing else to do and no earlier round waits for the releaser, it
-//! makes its round durable itself ([`Releaser::release_now`]): a lone event then goes from the
-//! engine's fsync straight to the HTTP thread, without waking the releaser's thread in between.
-//! Both paths share one lock around the fsync and its failure state, and the engine hands
-//! rounds over only from its own thread, so the order in which rounds are let out is the same.
+//! Up to [`FSYNC_SLOTS`] fsyncs run at once. A round that arrives while one runs starts the
+//! next at once instead of waiting for it to end: on the disks measured, an fsync that starts
+//! beside another returns sooner than one that waits for it first. When the later fsync
+//! returns first, it lets out the rounds of the earlier one too. And when the engine has
+//! nothing else to do, it runs its round's fsync itself (`submit` with `now`): a lone event
+//! then goes from the engine's fsync straight to the HTTP thread, without waking a releaser
+//! thread in between.
 //!
 //! The releaser's first round after it starts is fsynced whatever it carries: a process that
 //! crashed may have left commits in the operating system's cache only, and the new process
 //! must not send what they hold before they are on disk.
 //!
-//! If an fsync fails, the releaser lets nothing out again: that round and every later one are
-//! failed (enqueues answered with an error, sends dropped and named to the engine in
-//! `Input::SyncFailed`), and the engine stops the plugin. There is no retry: on Linux a failed
-//! fsync may already have dropped the unwritten pages, and a later fsync would succeed without
-//! them, so after one failure nothing this process keeps in memory can be trusted to be on
-//! disk. The operator restarts the host once the disk is checked.
+//! If an fsync fails, the releaser lets nothing out again: every round not yet let out, and
+//! every later one, is failed (enqueues answered with an error, sends dropped and named to the
+//! engine in `Input::SyncFailed`), and the engine stops the plugin. There is no retry: on Linux
+//! a failed fsync may already have dropped the unwritten pages, and a later fsync would succeed
+//! without them, so after one failure nothing this process keeps in memory can be trusted to be
+//! on disk. The operator restarts the host once the disk is checked. Each fsync slot has an
+//! open file of the WAL of its own, because Linux reports a failed writeback once to each open
+//! file: so no fsync can return success by missing a failure another one consumed, and one
+//! that does return success has waited for every page written before it started. Rounds it
+//! let out stay out even if an fsync that started earlier fails after it.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -72,11 +81,14 @@ pub fn release(round: Round, net: &Net, inputs: &Sender<Input>) {
     }
 }
 
-/// The thread that makes rounds durable and lets them out.
+/// How many fsyncs may run at once, each through its own open file of the WAL.
+pub const FSYNC_SLOTS: usize = 2;
+
+/// Makes rounds durable and lets them out, on its threads (`asched-sync`) or, when the engine
+/// has nothing else to do, on the engine's ([`Releaser::submit`]).
 pub struct Releaser {
-    rounds: Option<Sender<Round>>,
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Releaser {
@@ -85,176 +97,226 @@ impl std::fmt::Debug for Releaser {
     }
 }
 
-/// The fsync that makes every commit so far durable.
-type SyncFn = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+/// An fsync through one slot's open file that makes every commit before it durable.
+type SyncFn = Box<dyn Fn(usize) -> Result<(), StoreError> + Send + Sync>;
 
-/// What the releaser's thread and [`Releaser::release_now`] share.
+/// What the releaser's threads and the engine share.
 struct Shared {
-    fsync: Mutex<FsyncState>,
-    /// Rounds handed to the thread and not yet let out.
-    queued: AtomicUsize,
+    state: Mutex<State>,
+    /// Signalled when a round needs an fsync, when one ends and when the releaser stops.
+    work: Condvar,
+    sync: SyncFn,
     net: Arc<Net>,
     inputs: Sender<Input>,
 }
 
-struct FsyncState {
-    sync: SyncFn,
-    /// No round was let out yet: the next one is fsynced whatever it carries.
-    first: bool,
+/// A round handed over and not yet let out.
+struct Waiting {
+    /// Rounds are numbered in the order they were handed over, from 0.
+    number: u64,
+    /// Whether an fsync must return after it was handed over before it is let out: it
+    /// committed, or it is the first (see the module's documentation).
+    needs_fsync: bool,
+    round: Round,
+}
+
+struct State {
+    /// Oldest first.
+    waiting: VecDeque<Waiting>,
+    /// The number of the next round handed over.
+    next: u64,
+    /// Rounds numbered below this one that need an fsync have one started for them.
+    covered: u64,
+    /// Rounds numbered below this one are durable: an fsync that started after them returned.
+    durable: u64,
+    /// The last round handed over that needs an fsync, plus one (0 for none).
+    needed: u64,
+    /// The slots whose open file no fsync is using.
+    free_slots: Vec<usize>,
     /// Why an fsync failed, once one has.
     failed: Option<String>,
+    stopping: bool,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, FsyncState> {
-        // A panic while the lock was held left no half-done state that matters: `failed` is set
-        // before anything is let out, and a round is let out or failed as a whole.
-        self.fsync.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held leaves no half-done state that matters: `failed` is
+        // set before anything is let out, and a round is let out or failed as a whole.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
 
-impl FsyncState {
-    /// Makes `rounds` durable with one fsync (when they committed anything, or are the first)
-    /// and lets them out in order.
-    fn flush(&mut self, rounds: Vec<Round>, net: &Net, inputs: &Sender<Input>) {
-        let needs_sync =
-            std::mem::take(&mut self.first) || rounds.iter().any(|round| round.commits);
-        flush(
-            rounds,
-            needs_sync,
-            &mut self.failed,
-            &mut *self.sync,
-            net,
-            inputs,
-        );
+    /// Starts an fsync for the rounds that wait for one, if none covers them yet and a slot
+    /// is free; runs it on this thread (without the lock), then lets out what it made durable.
+    /// Returns the lock again, and whether it ran one.
+    fn fsync_if_needed<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+    ) -> (MutexGuard<'a, State>, bool) {
+        if state.failed.is_some() || state.needed <= state.covered {
+            return (state, false);
+        }
+        let Some(slot) = state.free_slots.pop() else {
+            return (state, false);
+        };
+        let upto = state.next;
+        state.covered = upto;
+        drop(state);
+        let result = (self.sync)(slot);
+        let mut state = self.lock();
+        state.free_slots.push(slot);
+        let mut first_failure = false;
+        match result {
+            Ok(()) => state.durable = state.durable.max(upto),
+            Err(error) => {
+                if state.failed.is_none() {
+                    let why = format!(
+                        "the store could not make its writes durable ({error:?}); nothing more \
+                         is acknowledged or sent: check the disk, then restart the host"
+                    );
+                    tracing::error!(error = %why, "the store failed");
+                    state.failed = Some(why);
+                    first_failure = true;
+                }
+            }
+        }
+        self.let_out(&mut state, first_failure);
+        // Another thread may wait for this slot, or for the rounds to be let out to stop.
+        self.work.notify_all();
+        (state, true)
+    }
+
+    /// Lets out, in order, the waiting rounds that are durable or need no fsync, up to the
+    /// first that is neither; after a failed fsync, fails every waiting round instead.
+    fn let_out(&self, state: &mut State, first_failure: bool) {
+        if let Some(why) = &state.failed {
+            let rounds = state.waiting.drain(..).map(|w| w.round).collect();
+            let dropped = fail(rounds, why);
+            if first_failure || !dropped.is_empty() {
+                let _ = self.inputs.send(Input::SyncFailed {
+                    why: why.clone(),
+                    dropped,
+                });
+            }
+            return;
+        }
+        while let Some(front) = state.waiting.front() {
+            if front.needs_fsync && front.number >= state.durable {
+                return;
+            }
+            let waiting = state.waiting.pop_front().expect("the front exists");
+            release(waiting.round, &self.net, &self.inputs);
+        }
     }
 }
 
 impl Releaser {
-    /// Starts the thread for the store whose WAL is `wal`.
-    pub fn start(wal: Arc<File>, net: Arc<Net>, inputs: Sender<Input>) -> std::io::Result<Self> {
-        Releaser::start_with(move || sync_wal(&wal), net, inputs)
+    /// Starts the threads for the store whose WAL is at `wal`, which each fsync slot opens once
+    /// more: Linux reports a failed writeback once to each open file, so an fsync through one
+    /// slot never hides another's failure.
+    pub fn start(wal: &Path, net: Arc<Net>, inputs: Sender<Input>) -> std::io::Result<Self> {
+        let files = (0..FSYNC_SLOTS)
+            .map(|_| File::open(wal))
+            .collect::<std::io::Result<Vec<File>>>()?;
+        Releaser::start_with(move |slot| sync_wal(&files[slot]), net, inputs)
     }
 
-    /// Starts the thread with `sync` as the fsync that makes every commit so far durable.
+    /// Starts the threads with `sync(slot)` as the fsync through slot `slot`
+    /// (`0..FSYNC_SLOTS`) that makes every commit so far durable.
     pub fn start_with(
-        sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+        sync: impl Fn(usize) -> Result<(), StoreError> + Send + Sync + 'static,
         net: Arc<Net>,
         inputs: Sender<Input>,
     ) -> std::io::Result<Self> {
-        let (rounds, receiver) = mpsc::channel();
         let shared = Arc::new(Shared {
-            fsync: Mutex::new(FsyncState {
-                sync: Box::new(sync),
-                first: true,
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                next: 0,
+                covered: 0,
+                durable: 0,
+                needed: 0,
+                free_slots: (0..FSYNC_SLOTS).rev().collect(),
                 failed: None,
+                stopping: false,
             }),
-            queued: AtomicUsize::new(0),
+            work: Condvar::new(),
+            sync: Box::new(sync),
             net,
             inputs,
         });
-        let thread = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("asched-sync".into())
-                .spawn(move || run(&shared, &receiver))?
-        };
-        Ok(Releaser {
-            rounds: Some(rounds),
+        let mut releaser = Releaser {
             shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// Hands over a round; it is let out once every commit before now is durable. Gives the
-    /// round back if the thread is gone.
-    ///
-    /// Rounds must be handed over (here and to [`Releaser::release_now`]) from one thread, in
-    /// the order they were made.
-    pub fn submit(&self, round: Round) -> Result<(), Round> {
-        let Some(rounds) = &self.rounds else {
-            return Err(round);
+            threads: Vec::new(),
         };
-        self.shared.queued.fetch_add(1, Ordering::SeqCst);
-        rounds.send(round).map_err(|refused| {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            refused.0
-        })
+        for _ in 0..FSYNC_SLOTS {
+            let shared = releaser.shared.clone();
+            let thread = std::thread::Builder::new()
+                .name("asched-sync".into())
+                .spawn(move || run(&shared))?;
+            releaser.threads.push(thread);
+        }
+        Ok(releaser)
     }
 
-    /// Makes the round durable and lets it out on the caller's thread, if no round handed
-    /// over before it is still waiting; gives it back otherwise, to be handed over with
-    /// [`Releaser::submit`]. For a caller with nothing else to do: it blocks for the fsync.
-    pub fn release_now(&self, round: Round) -> Result<(), Round> {
-        if self.shared.queued.load(Ordering::SeqCst) != 0 {
+    /// Hands over a round; it is let out once every commit before now is durable, after every
+    /// round handed over before it. With `now`, for a caller with nothing else to do, the
+    /// fsync it needs runs on the caller's thread when a slot is free, and the round is out
+    /// when this returns; otherwise a releaser thread runs it. Gives the round back if the
+    /// releaser has stopped.
+    pub fn submit(&self, round: Round, now: bool) -> Result<(), Round> {
+        let mut state = self.shared.lock();
+        if state.stopping {
             return Err(round);
         }
-        // The thread holds the lock only while it lets rounds out; it counts them off before it
-        // lets go, so a round is never let out here before an earlier one.
-        let Ok(mut state) = self.shared.fsync.try_lock() else {
-            return Err(round);
-        };
-        state.flush(vec![round], &self.shared.net, &self.shared.inputs);
+        let number = state.next;
+        state.next += 1;
+        let needs_fsync = round.commits || number == 0;
+        if needs_fsync {
+            state.needed = number + 1;
+        }
+        state.waiting.push_back(Waiting {
+            number,
+            needs_fsync,
+            round,
+        });
+        self.shared.let_out(&mut state, false);
+        if now {
+            state = self.shared.fsync_if_needed(state).0;
+        }
+        if state.needed > state.covered {
+            self.shared.work.notify_one();
+        }
         Ok(())
     }
 }
 
 impl Drop for Releaser {
-    /// Lets out every round handed over, then stops the thread.
+    /// Lets out every round handed over, then stops the threads.
     fn drop(&mut self) {
-        self.rounds.take();
-        if let Some(thread) = self.thread.take() {
+        self.shared.lock().stopping = true;
+        self.shared.work.notify_all();
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-fn run(shared: &Shared, rounds: &Receiver<Round>) {
-    while let Ok(round) = rounds.recv() {
-        let waiting: Vec<Round> = std::iter::once(round).chain(rounds.try_iter()).collect();
-        let count = waiting.len();
-        let mut state = shared.lock();
-        state.flush(waiting, &shared.net, &shared.inputs);
-        shared.queued.fetch_sub(count, Ordering::SeqCst);
-    }
-}
-
-/// Makes the rounds durable with one fsync and lets them out; fails them if that fsync or an
-/// earlier one failed.
-fn flush(
-    rounds: Vec<Round>,
-    needs_sync: bool,
-    failed: &mut Option<String>,
-    sync: &mut dyn FnMut() -> Result<(), StoreError>,
-    net: &Net,
-    inputs: &Sender<Input>,
-) {
-    let first_failure = failed.is_none()
-        && needs_sync
-        && match sync() {
-            Ok(()) => false,
-            Err(error) => {
-                let why = format!(
-                    "the store could not make its writes durable ({error:?}); nothing more is \
-                     acknowledged or sent: check the disk, then restart the host"
-                );
-                tracing::error!(error = %why, "the store failed");
-                *failed = Some(why);
-                true
-            }
-        };
-    let Some(why) = failed.as_deref() else {
-        for round in rounds {
-            release(round, net, inputs);
+/// A releaser thread: runs an fsync whenever rounds need one and a slot is free, until the
+/// releaser stops and nothing waits.
+fn run(shared: &Shared) {
+    let mut state = shared.lock();
+    loop {
+        let ran;
+        (state, ran) = shared.fsync_if_needed(state);
+        if ran {
+            continue;
         }
-        return;
-    };
-    let dropped = fail(rounds, why);
-    if first_failure || !dropped.is_empty() {
-        let _ = inputs.send(Input::SyncFailed {
-            why: why.to_owned(),
-            dropped,
-        });
+        if state.stopping && state.waiting.is_empty() {
+            return;
+        }
+        state = shared
+            .work
+            .wait(state)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 }
 
@@ -275,6 +337,7 @@ pub fn fail(rounds: Vec<Round>, why: &str) -> Vec<u64> {
 mod tests {
     use std::os::fd::OwnedFd;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc::{self, Receiver};
     use std::time::Duration;
 
     use super::*;
@@ -316,7 +379,7 @@ mod tests {
     fn releaser(good: usize) -> (Releaser, Receiver<Input>, Arc<AtomicUsize>) {
         let syncs = Arc::new(AtomicUsize::new(0));
         let counted = syncs.clone();
-        let sync = move || {
+        let sync = move |_slot| {
             if counted.fetch_add(1, Ordering::SeqCst) < good {
                 Ok(())
             } else {
@@ -350,7 +413,7 @@ mod tests {
     ) -> Result<u32, EnqueueError> {
         let (reply, answer) = oneshot::channel();
         releaser
-            .submit(round(vec![(reply, result)], sends, commits))
+            .submit(round(vec![(reply, result)], sends, commits), false)
             .ok()
             .unwrap();
         answer.blocking_recv().unwrap()
@@ -392,7 +455,7 @@ mod tests {
             (refused, Err(EnqueueError::UnknownAppservice("x".into()))),
         ];
         releaser
-            .submit(round(replies, &[8, 9], false))
+            .submit(round(replies, &[8, 9], false), false)
             .ok()
             .unwrap();
         assert!(matches!(
@@ -412,91 +475,139 @@ mod tests {
         assert!(reports.try_recv().is_err(), "nothing else was reported");
     }
 
-    /// With nothing waiting for the thread, `release_now` makes the round durable and lets it
-    /// out before it returns, on the caller's thread; the first round is fsynced whatever it
-    /// carries, later ones only when they committed.
+    /// A caller with nothing else to do runs the fsync itself: its round is out when `submit`
+    /// returns. The first round is fsynced whatever it carries, later ones only when they
+    /// committed.
     #[test]
-    fn release_now_lets_a_round_out_before_it_returns() {
+    fn an_idle_callers_round_is_out_when_submit_returns() {
         let (releaser, _reports, syncs) = releaser(usize::MAX);
         for (commits, expected) in [(false, 1), (true, 2), (false, 2)] {
             let (reply, mut answer) = oneshot::channel();
             let round = round(vec![(reply, Ok(4))], &[], commits);
-            assert!(releaser.release_now(round).is_ok());
-            assert_eq!(
-                answer.try_recv(),
-                Ok(Ok(4)),
-                "answered before release_now returned"
-            );
+            assert!(releaser.submit(round, true).is_ok());
+            assert_eq!(answer.try_recv(), Ok(Ok(4)), "commits: {commits}");
             assert_eq!(syncs.load(Ordering::SeqCst), expected, "commits: {commits}");
         }
     }
 
-    /// While a round handed to the thread waits for its fsync, `release_now` gives a later
-    /// round back untouched, so that it is let out after the earlier one.
-    #[test]
-    fn release_now_never_overtakes_a_waiting_round() {
-        let (started, fsync_started) = mpsc::channel();
+    /// A releaser whose fsyncs, numbered from 1, are told by `plan` whether to wait for a
+    /// signal on the returned sender before they return, and what to return; it reports each
+    /// fsync's number on the returned receiver as it starts.
+    fn planned_releaser(
+        plan: fn(usize) -> (bool, Result<(), StoreError>),
+    ) -> (Releaser, Receiver<Input>, Receiver<usize>, mpsc::Sender<()>) {
+        let (started, starts) = mpsc::channel();
         let (finish, may_finish) = mpsc::channel::<()>();
-        let syncs = Arc::new(AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let sync = move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-            let _ = started.send(());
-            let _ = may_finish.recv();
-            Ok(())
+        let started = Mutex::new(started);
+        let may_finish = Mutex::new(may_finish);
+        let count = AtomicUsize::new(0);
+        let sync = move |_slot| {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            let _ = started.lock().unwrap().send(n);
+            let (wait, result) = plan(n);
+            if wait {
+                let _ = may_finish.lock().unwrap().recv();
+            }
+            result
         };
-        let (inputs, _reports) = mpsc::channel();
+        let (inputs, reports) = mpsc::channel();
         let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+        (releaser, reports, starts, finish)
+    }
 
-        let (first_reply, first_answer) = oneshot::channel();
+    fn started(starts: &Receiver<usize>) -> usize {
+        starts
+            .recv_timeout(Duration::from_secs(10))
+            .expect("an fsync starts")
+    }
+
+    /// While one fsync runs, a round handed over gets a second one at once; when that returns,
+    /// it has made both rounds durable, and both are let out, the earlier first.
+    #[test]
+    fn a_second_fsync_runs_beside_a_slow_one_and_lets_both_rounds_out() {
+        let (releaser, _reports, starts, finish) = planned_releaser(|n| (n == 1, Ok(())));
+        let (first_reply, mut first_answer) = oneshot::channel();
         releaser
-            .submit(round(vec![(first_reply, Ok(1))], &[], true))
+            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
             .ok()
             .unwrap();
-        fsync_started
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the thread fsyncs");
+        assert_eq!(started(&starts), 1);
         let (second_reply, mut second_answer) = oneshot::channel();
-        let given_back = releaser
-            .release_now(round(vec![(second_reply, Ok(2))], &[], true))
-            .expect_err("an earlier round waits");
+        releaser
+            .submit(round(vec![(second_reply, Ok(2))], &[], true), true)
+            .ok()
+            .unwrap();
+        assert_eq!(started(&starts), 2);
+        assert_eq!(first_answer.try_recv(), Ok(Ok(1)), "fsync 1 still runs");
+        assert_eq!(second_answer.try_recv(), Ok(Ok(2)));
+        finish.send(()).unwrap();
+        drop(releaser);
+        assert_eq!(starts.try_recv().ok(), None, "two fsyncs in all");
+    }
+
+    /// A round that needs no fsync of its own still waits for the rounds before it.
+    #[test]
+    fn a_round_without_commits_waits_for_the_round_before_it() {
+        let (releaser, _reports, starts, finish) = planned_releaser(|_| (true, Ok(())));
+        let (first_reply, first_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
+            .ok()
+            .unwrap();
+        assert_eq!(started(&starts), 1);
+        let (second_reply, mut second_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(second_reply, Ok(2))], &[], false), true)
+            .ok()
+            .unwrap();
         assert_eq!(
             second_answer.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
         );
-        releaser.submit(given_back).ok().unwrap();
-        finish.send(()).unwrap();
         finish.send(()).unwrap();
         assert_eq!(first_answer.blocking_recv().unwrap(), Ok(1));
         assert_eq!(second_answer.blocking_recv().unwrap(), Ok(2));
         drop(releaser);
-        assert_eq!(syncs.load(Ordering::SeqCst), 2);
+        assert_eq!(starts.try_recv().ok(), None, "one fsync in all");
     }
 
-    /// An fsync that failed on the thread fails the rounds `release_now` lets out too, without
-    /// another fsync.
+    /// When the slower of two fsyncs fails after the later one made every round durable, the
+    /// rounds already out stay out, and nothing is let out again.
     #[test]
-    fn release_now_shares_the_threads_failure() {
-        let (releaser, reports, syncs) = releaser(0);
-        let answer = answer_to(&releaser, Ok(1), &[3], true);
-        assert!(
-            matches!(answer, Err(EnqueueError::Storage(_))),
-            "{answer:?}"
-        );
-        assert_eq!(dropped_sends(next(&reports)), [3]);
+    fn a_slow_fsync_that_fails_stops_every_later_round() {
+        let (releaser, reports, starts, finish) = planned_releaser(|n| match n {
+            1 => (true, Err(StoreError::Failed("EIO".into()))),
+            _ => (false, Ok(())),
+        });
+        let (first_reply, first_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
+            .ok()
+            .unwrap();
+        assert_eq!(started(&starts), 1);
+        let (second_reply, mut second_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(second_reply, Ok(2))], &[], true), true)
+            .ok()
+            .unwrap();
+        assert_eq!(started(&starts), 2);
+        assert_eq!(second_answer.try_recv(), Ok(Ok(2)));
+        finish.send(()).unwrap();
+        assert_eq!(first_answer.blocking_recv().unwrap(), Ok(1));
+        assert_eq!(dropped_sends(next(&reports)), Vec::<u64>::new());
 
-        let (reply, mut answer) = oneshot::channel();
-        assert!(
-            releaser
-                .release_now(round(vec![(reply, Ok(5))], &[6], true))
-                .is_ok()
-        );
+        let (third_reply, mut third_answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(third_reply, Ok(3))], &[4], true), true)
+            .ok()
+            .unwrap();
         assert!(matches!(
-            answer.try_recv(),
+            third_answer.try_recv(),
             Ok(Err(EnqueueError::Storage(why))) if why.contains("restart the host")
         ));
-        assert_eq!(dropped_sends(next(&reports)), [6]);
-        assert_eq!(syncs.load(Ordering::SeqCst), 1, "no retry");
+        assert_eq!(dropped_sends(next(&reports)), [4]);
+        drop(releaser);
+        assert_eq!(starts.try_recv().ok(), None, "no fsync after the failure");
     }
 
     /// The real fsync of a file that cannot be fsynced (a pipe) fails the first round.
@@ -505,7 +616,7 @@ mod tests {
         let (_reader, writer) = std::io::pipe().unwrap();
         let wal = Arc::new(File::from(OwnedFd::from(writer)));
         let (inputs, reports) = mpsc::channel();
-        let releaser = Releaser::start(wal, net(), inputs).unwrap();
+        let releaser = Releaser::start_with(move |_slot| sync_wal(&wal), net(), inputs).unwrap();
         let answer = answer_to(&releaser, Ok(1), &[5], false);
         assert!(matches!(answer, Err(EnqueueError::Storage(_))));
         match next(&reports) {

@@ -7,8 +7,7 @@
 //! What a round decided (enqueue answers, the transactions it formed) is handed to the
 //! releaser, which lets it out once an fsync has made the round's commits durable, while this
 //! thread goes on with the next round (group commit; see [`crate::durable`]). When no input
-//! waits and the releaser has nothing queued, this thread runs the fsync itself and lets the
-//! round out at once.
+//! waits, this thread runs the round's fsync itself and lets the round out at once.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
 //! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
@@ -362,7 +361,7 @@ impl Host {
             &config.legacy_query_auth,
         )?);
         let (inputs, receiver) = std::sync::mpsc::channel();
-        let releaser = match store.wal() {
+        let releaser = match store.wal_path() {
             Some(wal) => Some(Releaser::start(wal, net.clone(), inputs.clone())?),
             None => None,
         };
@@ -658,9 +657,9 @@ impl EngineThread {
 
     /// Ends a round: its enqueue answers and the transactions it formed go out once its
     /// commits are durable, through the releaser, while the engine goes on (see
-    /// [`crate::durable`]). When the engine is `idle` (no input waits) it makes the round
-    /// durable itself if the releaser has nothing waiting, which spares a lone event one
-    /// hand-over between threads.
+    /// [`crate::durable`]). When the engine is `idle` (no input waits) it runs the round's
+    /// fsync itself if a slot is free, which spares a lone event one hand-over between
+    /// threads.
     fn finish_round(&mut self, idle: bool) {
         let replies = std::mem::take(&mut self.replies);
         let round = match self.io() {
@@ -678,15 +677,7 @@ impl EngineThread {
             return;
         }
         if let Some(releaser) = &self.releaser {
-            let round = if idle {
-                match releaser.release_now(round) {
-                    Ok(()) => return,
-                    Err(round) => round,
-                }
-            } else {
-                round
-            };
-            if let Err(round) = releaser.submit(round) {
+            if let Err(round) = releaser.submit(round, idle) {
                 let why = "the thread that makes the store's writes durable has stopped; \
                            restart the host";
                 let dropped = durable::fail(vec![round], why);

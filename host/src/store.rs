@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -52,6 +52,8 @@ pub struct SqliteStore {
     /// The WAL file, opened once more: an fsync through it makes every frame SQLite wrote
     /// before durable (`None` for a database in memory).
     wal: Option<Arc<File>>,
+    /// Where the WAL is, for threads that open it once more each (`None` in memory).
+    wal_path: Option<PathBuf>,
 }
 
 impl SqliteStore {
@@ -95,6 +97,7 @@ impl SqliteStore {
             conn,
             unsynced: false,
             wal: Some(Arc::new(wal)),
+            wal_path: Some(wal_path),
         })
     }
 
@@ -109,6 +112,7 @@ impl SqliteStore {
             conn,
             unsynced: false,
             wal: None,
+            wal_path: None,
         })
     }
 
@@ -116,6 +120,12 @@ impl SqliteStore {
     /// ([`sync_wal`]); `None` for a database in memory.
     pub fn wal(&self) -> Option<Arc<File>> {
         self.wal.clone()
+    }
+
+    /// Where the WAL is, for a thread that opens it to fsync it (see [`SqliteStore::wal`]);
+    /// `None` for a database in memory.
+    pub fn wal_path(&self) -> Option<&Path> {
+        self.wal_path.as_deref()
     }
 
     /// Whether anything was committed since the last call: the caller takes over making it
@@ -295,6 +305,14 @@ impl Store {
     pub fn wal(&self) -> Option<Arc<File>> {
         match self {
             Store::Sqlite(store) => store.wal(),
+            Store::Memory(_) => None,
+        }
+    }
+
+    /// Where the SQLite store's WAL is (see [`SqliteStore::wal_path`]).
+    pub fn wal_path(&self) -> Option<&Path> {
+        match self {
+            Store::Sqlite(store) => store.wal_path(),
             Store::Memory(_) => None,
         }
     }

@@ -161,7 +161,9 @@ impl Shared {
         let upto = state.next;
         state.covered = upto;
         drop(state);
-        let result = (self.sync)(slot);
+        // A panic in the fsync counts as its failure, so that its slot and rounds are not lost.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.sync)(slot)))
+            .unwrap_or_else(|_| Err(StoreError::Failed("the fsync panicked".into())));
         let mut state = self.lock();
         state.free_slots.push(slot);
         let mut first_failure = false;
@@ -259,9 +261,9 @@ impl Releaser {
 
     /// Hands over a round; it is let out once every commit before now is durable, after every
     /// round handed over before it. With `now`, for a caller with nothing else to do, the
-    /// fsync it needs runs on the caller's thread when a slot is free, and the round is out
-    /// when this returns; otherwise a releaser thread runs it. Gives the round back if the
-    /// releaser has stopped.
+    /// fsync it needs runs on the caller's thread when a slot is free (and the round is out
+    /// when this returns, unless it waits for an earlier round whose fsync still runs);
+    /// otherwise a releaser thread runs it. Gives the round back if the releaser has stopped.
     pub fn submit(&self, round: Round, now: bool) -> Result<(), Round> {
         let mut state = self.shared.lock();
         if state.stopping {
@@ -608,6 +610,176 @@ mod tests {
         assert_eq!(dropped_sends(next(&reports)), [4]);
         drop(releaser);
         assert_eq!(starts.try_recv().ok(), None, "no fsync after the failure");
+    }
+
+    /// With both slots busy, a round that committed is let out by neither of the fsyncs
+    /// already running, whichever returns first, but by a third that a releaser thread starts
+    /// as soon as a slot is free.
+    #[test]
+    fn a_round_behind_two_running_fsyncs_waits_for_a_third() {
+        for first_to_return in [1usize, 2] {
+            let (started_tx, starts) = mpsc::channel();
+            let mut gates = Vec::new();
+            let mut opens = Vec::new();
+            for _ in 0..4 {
+                let (open, gate) = mpsc::channel::<()>();
+                opens.push(open);
+                gates.push(Mutex::new(gate));
+            }
+            let started_tx = Mutex::new(started_tx);
+            let count = AtomicUsize::new(0);
+            let sync = move |_slot| {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                started_tx.lock().unwrap().send(n).unwrap();
+                let _ = gates[n].lock().unwrap().recv();
+                Ok(())
+            };
+            let (inputs, _reports) = mpsc::channel();
+            let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+            // Dropped before the releaser, so that a failing assertion ends its fsyncs.
+            let opens = opens;
+            let (reply0, mut answer0) = oneshot::channel();
+            releaser
+                .submit(round(vec![(reply0, Ok(0))], &[], true), false)
+                .ok()
+                .unwrap();
+            assert_eq!(started(&starts), 1);
+            let (reply1, mut answer1) = oneshot::channel();
+            releaser
+                .submit(round(vec![(reply1, Ok(1))], &[], true), false)
+                .ok()
+                .unwrap();
+            assert_eq!(started(&starts), 2);
+            let (reply2, mut answer2) = oneshot::channel();
+            releaser
+                .submit(round(vec![(reply2, Ok(2))], &[], true), true)
+                .ok()
+                .unwrap();
+            let not_out = Err(oneshot::error::TryRecvError::Empty);
+            assert_eq!(answer2.try_recv(), not_out);
+            opens[first_to_return].send(()).unwrap();
+            assert_eq!(
+                started(&starts),
+                3,
+                "a third fsync starts without the caller"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(answer2.try_recv(), not_out, "not out before fsync 3");
+            opens[3 - first_to_return].send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(answer0.try_recv(), Ok(Ok(0)));
+            assert_eq!(answer1.try_recv(), Ok(Ok(1)));
+            assert_eq!(answer2.try_recv(), not_out, "not out before fsync 3");
+            opens[3].send(()).unwrap();
+            assert_eq!(answer2.blocking_recv().unwrap(), Ok(2));
+            drop(releaser);
+        }
+    }
+
+    /// Dropping the releaser lets out every round still waiting, fsync or not.
+    #[test]
+    fn dropping_the_releaser_lets_out_every_waiting_round() {
+        for _ in 0..50 {
+            let (releaser, _reports, _syncs) = releaser(usize::MAX);
+            let mut answers = Vec::new();
+            for n in 0..5 {
+                let (reply, answer) = oneshot::channel();
+                releaser
+                    .submit(round(vec![(reply, Ok(n))], &[], n % 2 == 0), false)
+                    .ok()
+                    .unwrap();
+                answers.push(answer);
+            }
+            drop(releaser);
+            for (n, mut answer) in (0..).zip(answers) {
+                assert_eq!(answer.try_recv(), Ok(Ok(n)));
+            }
+        }
+    }
+
+    /// A panic in an fsync counts as its failure: the rounds it covered are failed, and the
+    /// releaser still stops.
+    #[test]
+    fn a_panicking_fsync_fails_its_rounds() {
+        let (inputs, reports) = mpsc::channel();
+        let sync = |_slot| -> Result<(), StoreError> { panic!("test: the fsync panics") };
+        let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+        let answer = answer_to(&releaser, Ok(1), &[2], true);
+        assert!(
+            matches!(answer, Err(EnqueueError::Storage(_))),
+            "{answer:?}"
+        );
+        match next(&reports) {
+            Input::SyncFailed { why, dropped } => {
+                assert!(why.contains("the fsync panicked"), "{why}");
+                assert_eq!(dropped, [2]);
+            }
+            _ => panic!("expected SyncFailed"),
+        }
+        drop(releaser);
+    }
+
+    /// Thousands of rounds, some committing, some handed over `now`, against fsyncs of varied
+    /// length: two fsyncs never share a slot, rounds come out in the order they were handed
+    /// over, and a round that committed comes out only after an fsync that started after it
+    /// returned.
+    #[test]
+    fn many_rounds_come_out_in_order_each_after_an_fsync_that_started_after_it() {
+        use std::sync::atomic::AtomicU64;
+        let in_use: Arc<[AtomicUsize; FSYNC_SLOTS]> = Arc::new(Default::default());
+        // The rounds handed over so far; an fsync that started when it read `n` makes rounds
+        // numbered below `n` durable.
+        let handed = Arc::new(AtomicU64::new(0));
+        let durable = Arc::new(AtomicU64::new(0));
+        let (slots, handed_seen, made_durable) = (in_use.clone(), handed.clone(), durable.clone());
+        let sync = move |slot: usize| {
+            assert_eq!(slots[slot].fetch_add(1, Ordering::SeqCst), 0, "slot shared");
+            let start = handed_seen.load(Ordering::SeqCst);
+            std::thread::sleep(Duration::from_micros(50 + (start % 7) * 30));
+            slots[slot].fetch_sub(1, Ordering::SeqCst);
+            made_durable.fetch_max(start, Ordering::SeqCst);
+            Ok(())
+        };
+        let (inputs, _reports) = mpsc::channel();
+        let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
+        let mut waiting = Vec::new();
+        for n in 0..3000u32 {
+            let (reply, answer) = oneshot::channel();
+            let commits = n % 3 != 1;
+            handed.store(u64::from(n) + 1, Ordering::SeqCst);
+            releaser
+                .submit(round(vec![(reply, Ok(n))], &[], commits), n % 5 == 0)
+                .ok()
+                .unwrap();
+            waiting.push((n, commits, answer));
+            if n % 11 == 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            // Newest first: once one round is out, every older one must be out too.
+            let mut newer_out = false;
+            let mut still_waiting = Vec::new();
+            for (m, committed, mut answer) in waiting.into_iter().rev() {
+                match answer.try_recv() {
+                    Ok(result) => {
+                        assert_eq!(result, Ok(m));
+                        if committed {
+                            assert!(durable.load(Ordering::SeqCst) > u64::from(m), "{m} early");
+                        }
+                        newer_out = true;
+                    }
+                    Err(_) => {
+                        assert!(!newer_out, "round {m} is not out, a later one is");
+                        still_waiting.push((m, committed, answer));
+                    }
+                }
+            }
+            still_waiting.reverse();
+            waiting = still_waiting;
+        }
+        drop(releaser);
+        for (m, _, mut answer) in waiting {
+            assert_eq!(answer.try_recv(), Ok(Ok(m)));
+        }
     }
 
     /// The real fsync of a file that cannot be fsynced (a pipe) fails the first round.

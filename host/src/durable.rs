@@ -405,6 +405,23 @@ mod tests {
         }
     }
 
+    /// Hands over a round of one enqueue answered `Ok(n)` and these sends; returns where the
+    /// caller's answer arrives.
+    fn hand_over(
+        releaser: &Releaser,
+        n: u32,
+        sends: &[u64],
+        commits: bool,
+        now: bool,
+    ) -> oneshot::Receiver<Result<u32, EnqueueError>> {
+        let (reply, answer) = oneshot::channel();
+        releaser
+            .submit(round(vec![(reply, Ok(n))], sends, commits), now)
+            .ok()
+            .unwrap();
+        answer
+    }
+
     /// Hands over a round of one enqueue answered `result` and these sends; waits for the
     /// answer the caller gets.
     fn answer_to(
@@ -484,9 +501,7 @@ mod tests {
     fn an_idle_callers_round_is_out_when_submit_returns() {
         let (releaser, _reports, syncs) = releaser(usize::MAX);
         for (commits, expected) in [(false, 1), (true, 2), (false, 2)] {
-            let (reply, mut answer) = oneshot::channel();
-            let round = round(vec![(reply, Ok(4))], &[], commits);
-            assert!(releaser.submit(round, true).is_ok());
+            let mut answer = hand_over(&releaser, 4, &[], commits, true);
             assert_eq!(answer.try_recv(), Ok(Ok(4)), "commits: {commits}");
             assert_eq!(syncs.load(Ordering::SeqCst), expected, "commits: {commits}");
         }
@@ -528,17 +543,9 @@ mod tests {
     #[test]
     fn a_second_fsync_runs_beside_a_slow_one_and_lets_both_rounds_out() {
         let (releaser, _reports, starts, finish) = planned_releaser(|n| (n == 1, Ok(())));
-        let (first_reply, mut first_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
-            .ok()
-            .unwrap();
+        let mut first_answer = hand_over(&releaser, 1, &[], true, false);
         assert_eq!(started(&starts), 1);
-        let (second_reply, mut second_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(second_reply, Ok(2))], &[], true), true)
-            .ok()
-            .unwrap();
+        let mut second_answer = hand_over(&releaser, 2, &[], true, true);
         assert_eq!(started(&starts), 2);
         assert_eq!(first_answer.try_recv(), Ok(Ok(1)), "fsync 1 still runs");
         assert_eq!(second_answer.try_recv(), Ok(Ok(2)));
@@ -551,17 +558,9 @@ mod tests {
     #[test]
     fn a_round_without_commits_waits_for_the_round_before_it() {
         let (releaser, _reports, starts, finish) = planned_releaser(|_| (true, Ok(())));
-        let (first_reply, first_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
-            .ok()
-            .unwrap();
+        let first_answer = hand_over(&releaser, 1, &[], true, false);
         assert_eq!(started(&starts), 1);
-        let (second_reply, mut second_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(second_reply, Ok(2))], &[], false), true)
-            .ok()
-            .unwrap();
+        let mut second_answer = hand_over(&releaser, 2, &[], false, true);
         assert_eq!(
             second_answer.try_recv(),
             Err(oneshot::error::TryRecvError::Empty)
@@ -581,28 +580,16 @@ mod tests {
             1 => (true, Err(StoreError::Failed("EIO".into()))),
             _ => (false, Ok(())),
         });
-        let (first_reply, first_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(first_reply, Ok(1))], &[], true), false)
-            .ok()
-            .unwrap();
+        let first_answer = hand_over(&releaser, 1, &[], true, false);
         assert_eq!(started(&starts), 1);
-        let (second_reply, mut second_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(second_reply, Ok(2))], &[], true), true)
-            .ok()
-            .unwrap();
+        let mut second_answer = hand_over(&releaser, 2, &[], true, true);
         assert_eq!(started(&starts), 2);
         assert_eq!(second_answer.try_recv(), Ok(Ok(2)));
         finish.send(()).unwrap();
         assert_eq!(first_answer.blocking_recv().unwrap(), Ok(1));
         assert_eq!(dropped_sends(next(&reports)), Vec::<u64>::new());
 
-        let (third_reply, mut third_answer) = oneshot::channel();
-        releaser
-            .submit(round(vec![(third_reply, Ok(3))], &[4], true), true)
-            .ok()
-            .unwrap();
+        let mut third_answer = hand_over(&releaser, 3, &[4], true, true);
         assert!(matches!(
             third_answer.try_recv(),
             Ok(Err(EnqueueError::Storage(why))) if why.contains("restart the host")
@@ -638,23 +625,11 @@ mod tests {
             let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
             // Dropped before the releaser, so that a failing assertion ends its fsyncs.
             let opens = opens;
-            let (reply0, mut answer0) = oneshot::channel();
-            releaser
-                .submit(round(vec![(reply0, Ok(0))], &[], true), false)
-                .ok()
-                .unwrap();
+            let mut answer0 = hand_over(&releaser, 0, &[], true, false);
             assert_eq!(started(&starts), 1);
-            let (reply1, mut answer1) = oneshot::channel();
-            releaser
-                .submit(round(vec![(reply1, Ok(1))], &[], true), false)
-                .ok()
-                .unwrap();
+            let mut answer1 = hand_over(&releaser, 1, &[], true, false);
             assert_eq!(started(&starts), 2);
-            let (reply2, mut answer2) = oneshot::channel();
-            releaser
-                .submit(round(vec![(reply2, Ok(2))], &[], true), true)
-                .ok()
-                .unwrap();
+            let mut answer2 = hand_over(&releaser, 2, &[], true, true);
             let not_out = Err(oneshot::error::TryRecvError::Empty);
             assert_eq!(answer2.try_recv(), not_out);
             opens[first_to_return].send(()).unwrap();
@@ -683,12 +658,7 @@ mod tests {
             let (releaser, _reports, _syncs) = releaser(usize::MAX);
             let mut answers = Vec::new();
             for n in 0..5 {
-                let (reply, answer) = oneshot::channel();
-                releaser
-                    .submit(round(vec![(reply, Ok(n))], &[], n % 2 == 0), false)
-                    .ok()
-                    .unwrap();
-                answers.push(answer);
+                answers.push(hand_over(&releaser, n, &[], n % 2 == 0, false));
             }
             drop(releaser);
             for (n, mut answer) in (0..).zip(answers) {
@@ -744,13 +714,9 @@ mod tests {
         let releaser = Releaser::start_with(sync, net(), inputs).unwrap();
         let mut waiting = Vec::new();
         for n in 0..3000u32 {
-            let (reply, answer) = oneshot::channel();
             let commits = n % 3 != 1;
             handed.store(u64::from(n) + 1, Ordering::SeqCst);
-            releaser
-                .submit(round(vec![(reply, Ok(n))], &[], commits), n % 5 == 0)
-                .ok()
-                .unwrap();
+            let answer = hand_over(&releaser, n, &[], commits, n % 5 == 0);
             waiting.push((n, commits, answer));
             if n % 11 == 0 {
                 std::thread::sleep(Duration::from_micros(100));

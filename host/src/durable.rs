@@ -6,7 +6,7 @@
 //! engine need not wait for that either. It hands the round to the [`Releaser`], whose threads
 //! (`asched-sync`) fsync the WAL and only then answer the enqueues and start the sends, while
 //! the engine goes on with the next round. An fsync makes durable every round handed over
-//! before it started, so rounds that arrive while one runs share a later one (group commit);
+//! before it started, so rounds that arrive while fsyncs run share a later one (group commit);
 //! and rounds are let out in the order they were made, each once an fsync that started after
 //! it has returned. The store in memory needs no fsync, so its rounds are let out at once, on
 //! the engine's thread.

@@ -9,7 +9,7 @@
 //! Every commit is one SQLite transaction, so it is atomic. Durability is grouped: commits are
 //! written to the WAL without waiting for the disk (`synchronous=NORMAL`), and one fsync of the
 //! WAL ([`sync_wal`]) makes every commit before it durable. The engine's releaser
-//! ([`crate::durable`]) does that on its own thread for every round of inputs, before anything
+//! ([`crate::durable`]) does that for every round of inputs that committed, before anything
 //! that depends on the round's commits leaves the process (an enqueue's acknowledgement, a
 //! transaction's request). So the enqueues, delivery records and new transactions of one round,
 //! and of every round that waited for the fsync before, share one; and the plugin hands every

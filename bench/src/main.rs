@@ -666,7 +666,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
     print_report(
         args,
         &s,
-        synapse.as_ref().err(),
+        synapse.as_ref(),
         &synapse_failures,
         &backlogs,
         started.elapsed(),
@@ -677,7 +677,7 @@ async fn run_suite(args: &SuiteArgs, work: &std::path::Path) -> anyhow::Result<(
 fn print_report(
     args: &SuiteArgs,
     s: &Samples,
-    synapse_missing: Option<&String>,
+    synapse: Result<&refs::SynapseSetup, &String>,
     synapse_failures: &[String],
     backlogs: &[usize],
     took: Duration,
@@ -706,19 +706,30 @@ fn print_report(
         if args.runs == 1 { "" } else { "s" },
         took.as_secs_f64()
     );
-    match synapse_missing {
-        None => println!(
-            "- Synapse: its real ApplicationServiceScheduler (matrix-synapse from {}), in-memory store, same receiver, same run",
-            args.synapse_python().display()
+    match synapse {
+        Ok(setup) => println!(
+            "- Synapse: its real ApplicationServiceScheduler (matrix-synapse {} from {}), in-memory store, same receiver, same run",
+            setup.version,
+            setup.python.display()
         ),
-        Some(why) => println!("- Synapse: NOT measured in this run: {why}"),
+        Err(why) => println!("- Synapse: NOT measured in this run: {why}"),
     }
     if let Some(first) = synapse_failures.first() {
-        println!(
-            "- Synapse: {} of its {} runs FAILED (the first: {first}); its figures are of the runs that did not",
-            synapse_failures.len(),
-            SYNAPSE_WORKLOADS.len() * args.runs
-        );
+        let attempted = SYNAPSE_WORKLOADS.len() * args.runs;
+        if synapse_failures.len() >= attempted {
+            println!(
+                "- Synapse: every one of its {attempted} workload runs ({} workloads × {} runs) FAILED (the first: {first}); no Synapse figure was measured",
+                SYNAPSE_WORKLOADS.len(),
+                args.runs
+            );
+        } else {
+            println!(
+                "- Synapse: {} of its {attempted} workload runs ({} workloads × {} runs) FAILED (the first: {first}); its figures are of the runs that did not",
+                synapse_failures.len(),
+                SYNAPSE_WORKLOADS.len(),
+                args.runs
+            );
+        }
     }
     println!();
     println!("## References measured in this run");
@@ -1017,6 +1028,19 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "Synapse cannot be run as given: the Synapse driver /nonexistent/driver.py does not exist (give it with --synapse-driver) (or add --no-synapse)"
+        );
+        // A program that exits 0 whatever it is asked prints no version: not a Synapse.
+        let driver = concat!(env!("CARGO_MANIFEST_DIR"), "/src/main.rs");
+        let error = choose_synapse(&args(&[
+            "--synapse-python",
+            "/bin/true",
+            "--synapse-driver",
+            driver,
+        ]))
+        .expect_err("a program that is not Python is an error");
+        assert_eq!(
+            error.to_string(),
+            "Synapse cannot be run as given: /bin/true cannot import synapse (install it with: /bin/pip install matrix-synapse==1.163.2, or add --install-synapse) (or add --no-synapse)"
         );
         let skipped = choose_synapse(&args(&["--no-synapse", "--synapse-python", missing_python]))
             .expect("no error");

@@ -27,6 +27,8 @@ pub struct SynapseRun {
 pub struct SynapseSetup {
     pub python: PathBuf,
     pub script: PathBuf,
+    /// `synapse.__version__`, as that Python printed it.
+    pub version: String,
 }
 
 /// Finds the driver script and a Python that imports `synapse`, or says why not.
@@ -49,12 +51,26 @@ pub fn find_synapse(python: &Path, script: &Path) -> Result<SynapseSetup, String
             "import synapse, sys; sys.stdout.write(synapse.__version__)",
         ])
         .output();
-    match check {
-        Ok(out) if out.status.success() => Ok(SynapseSetup {
+    // The version it prints is the proof: a program that exits 0 whatever it is asked (or a
+    // Python whose `synapse` is some other module) is not a Synapse.
+    let version = check
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| {
+            let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let looks_like_one = version.split('.').count() >= 2
+                && version.split('.').all(|part| {
+                    !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric())
+                });
+            looks_like_one.then_some(version)
+        });
+    match version {
+        Some(version) => Ok(SynapseSetup {
             python: python.to_owned(),
             script: script.to_owned(),
+            version,
         }),
-        _ => Err(format!(
+        None => Err(format!(
             "{python} cannot import synapse (install it with: {pip} install matrix-synapse==1.163.2, or add --install-synapse)",
             python = python.display(),
             pip = python.with_file_name("pip").display()

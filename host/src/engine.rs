@@ -7,7 +7,7 @@
 //! What a round decided (enqueue answers, the transactions it formed) is handed to the
 //! releaser, which lets it out once an fsync has made the round's commits durable, while this
 //! thread goes on with the next round (group commit; see [`crate::durable`]). When no input
-//! waits, this thread runs the round's fsync itself and lets the round out at once.
+//! waits and an fsync slot is free, this thread runs the round's fsync itself.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
 //! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
@@ -678,7 +678,7 @@ impl EngineThread {
         }
         if let Some(releaser) = &self.releaser {
             if let Err(round) = releaser.submit(round, idle) {
-                let why = "the thread that makes the store's writes durable has stopped; \
+                let why = "the threads that make the store's writes durable have stopped; \
                            restart the host";
                 let dropped = durable::fail(vec![round], why);
                 self.sync_failed(why.to_owned(), dropped);

@@ -12,13 +12,12 @@
 //! ([`crate::durable`]) does that for every round of inputs that committed, before anything
 //! that depends on the round's commits leaves the process (an enqueue's acknowledgement, a
 //! transaction's request). So the enqueues, delivery records and new transactions of one round,
-//! and of every round that waited for the fsync before, share one; and the plugin hands every
-//! enqueue of a round over in one call, which writes them in one commit.
+//! and of every round handed over while earlier fsyncs ran, share one; and the plugin hands
+//! every enqueue of a round over in one call, which writes them in one commit.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
@@ -49,10 +48,8 @@ pub struct SqliteStore {
     conn: Connection,
     /// Commits since the last [`SqliteStore::take_unsynced`].
     unsynced: bool,
-    /// The WAL file, opened once more: an fsync through it makes every frame SQLite wrote
-    /// before durable (`None` for a database in memory).
-    wal: Option<Arc<File>>,
-    /// Where the WAL is, for threads that open it once more each (`None` in memory).
+    /// Where the WAL is, for the threads that fsync it, each through a file of its own
+    /// (`None` for a database in memory).
     wal_path: Option<PathBuf>,
 }
 
@@ -83,7 +80,9 @@ impl SqliteStore {
             .path()
             .map_or_else(|| path.to_owned(), std::path::PathBuf::from);
         let wal_path = wal_path(&db_path);
-        let wal = File::open(&wal_path)
+        // SQLite created the WAL when the journal mode was set; the releaser opens it once per
+        // fsync slot, and this finds a WAL that cannot be opened before anything is accepted.
+        File::open(&wal_path)
             .with_context(|| format!("cannot open the WAL {}", wal_path.display()))?;
         // The WAL's name in its folder must survive a crash too. (Commits an earlier process
         // left in the operating system's cache only are made durable by the releaser's first
@@ -96,7 +95,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             unsynced: false,
-            wal: Some(Arc::new(wal)),
             wal_path: Some(wal_path),
         })
     }
@@ -111,19 +109,12 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             unsynced: false,
-            wal: None,
             wal_path: None,
         })
     }
 
-    /// The WAL file, for a thread that makes commits durable while this one goes on
-    /// ([`sync_wal`]); `None` for a database in memory.
-    pub fn wal(&self) -> Option<Arc<File>> {
-        self.wal.clone()
-    }
-
-    /// Where the WAL is, for a thread that opens it to fsync it (see [`SqliteStore::wal`]);
-    /// `None` for a database in memory.
+    /// Where the WAL is, for a thread that opens it to fsync it ([`sync_wal`]); `None` for a
+    /// database in memory.
     pub fn wal_path(&self) -> Option<&Path> {
         self.wal_path.as_deref()
     }
@@ -301,14 +292,6 @@ impl Store {
         }
     }
 
-    /// The SQLite store's WAL (see [`SqliteStore::wal`]).
-    pub fn wal(&self) -> Option<Arc<File>> {
-        match self {
-            Store::Sqlite(store) => store.wal(),
-            Store::Memory(_) => None,
-        }
-    }
-
     /// Where the SQLite store's WAL is (see [`SqliteStore::wal_path`]).
     pub fn wal_path(&self) -> Option<&Path> {
         match self {
@@ -391,8 +374,8 @@ mod tests {
         );
         assert_eq!(store.get("r").unwrap(), None);
         assert_eq!(store.get("q/3").unwrap(), Some(b"THREE".to_vec()));
-        assert_eq!(store.take_unsynced(), store.wal().is_some());
-        if let Some(wal) = store.wal() {
+        assert_eq!(store.take_unsynced(), store.wal_path().is_some());
+        if let Some(wal) = store.wal_path().map(|path| File::open(path).unwrap()) {
             sync_wal(&wal).unwrap();
         }
     }
@@ -408,7 +391,7 @@ mod tests {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }
         let mut store = SqliteStore::open(&path).unwrap();
-        let wal = store.wal().expect("a file store has a WAL");
+        let wal = File::open(store.wal_path().expect("a file store has a WAL")).unwrap();
         let chunk = vec![7u8; 40_000];
         for n in 0..400 {
             store

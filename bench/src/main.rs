@@ -716,20 +716,19 @@ fn print_report(
     }
     if let Some(first) = synapse_failures.first() {
         let attempted = SYNAPSE_WORKLOADS.len() * args.runs;
-        if synapse_failures.len() >= attempted {
-            println!(
-                "- Synapse: every one of its {attempted} workload runs ({} workloads × {} runs) FAILED (the first: {first}); no Synapse figure was measured",
-                SYNAPSE_WORKLOADS.len(),
-                args.runs
-            );
+        let (failed, figures) = if synapse_failures.len() >= attempted {
+            ("every one".to_owned(), "no Synapse figure was measured")
         } else {
-            println!(
-                "- Synapse: {} of its {attempted} workload runs ({} workloads × {} runs) FAILED (the first: {first}); its figures are of the runs that did not",
-                synapse_failures.len(),
-                SYNAPSE_WORKLOADS.len(),
-                args.runs
-            );
-        }
+            (
+                synapse_failures.len().to_string(),
+                "its figures are of the runs that did not",
+            )
+        };
+        println!(
+            "- Synapse: {failed} of its {attempted} workload runs ({} workloads × {} runs) FAILED (the first: {first}); {figures}",
+            SYNAPSE_WORKLOADS.len(),
+            args.runs
+        );
     }
     println!();
     println!("## References measured in this run");

@@ -59,6 +59,14 @@ impl SqliteStore {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the SQLite store {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // The host is the database's only user (its data folder is locked against a second
+        // host), so the connection takes SQLite's lock once and keeps it, before the WAL is
+        // first used: SQLite then keeps the WAL's index in this process's memory, not in a
+        // shared `-shm` file, and a transaction takes no file locks. That spares every commit
+        // and read half a dozen `fcntl` calls (about 15 µs off a lone event's enqueue →
+        // arrival). Other programs can open the database only once the host has stopped.
+        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")
+            .with_context(|| format!("cannot lock the SQLite store {}", path.display()))?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))?;
         anyhow::ensure!(
             mode.eq_ignore_ascii_case("wal"),
@@ -416,6 +424,36 @@ mod tests {
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.count_prefix("c/").unwrap(), 5);
         drop(reopened);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// The store keeps its database to itself while open, with no shared-memory index beside
+    /// it, and lets others in once closed.
+    #[test]
+    fn the_store_holds_its_database_exclusively_while_open() {
+        let path =
+            std::env::temp_dir().join(format!("asched-store-lock-{}.sqlite", std::process::id()));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        store
+            .commit(&[Write::Put("k".into(), b"v".to_vec())])
+            .unwrap();
+        assert!(!Path::new(&format!("{}-shm", path.display())).exists());
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let read = other.query_row("SELECT count(*) FROM kv", [], |row| row.get::<_, i64>(0));
+        assert_eq!(
+            read.unwrap_err().sqlite_error_code(),
+            Some(ErrorCode::DatabaseBusy)
+        );
+        drop(store);
+        let read = other.query_row("SELECT count(*) FROM kv", [], |row| row.get::<_, i64>(0));
+        assert_eq!(read.unwrap(), 1);
+        drop(other);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

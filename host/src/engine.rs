@@ -2,16 +2,17 @@
 //!
 //! Requests (enqueue, force retry, status, swap), send outcomes and timers arrive on one
 //! channel. The thread takes everything waiting (a round) and hands the plugin its send outcomes
-//! first (an appservice that answered is the one waiting), then all its enqueues in one call (so
-//! they share one commit), then the other inputs, and ticks the plugin about once a second.
+//! first (an appservice that answered is the one waiting), then its enqueues, in one call (so
+//! they share one commit) unless together they exceed [`MAX_ENQUEUE_BYTES_PER_CALL`], then the
+//! other inputs, and ticks the plugin about once a second.
 //! What a round decided (enqueue answers, the transactions it formed) is handed to the
 //! releaser, which lets it out once an fsync has made the round's commits durable, while this
 //! thread goes on with the next round (group commit; see [`crate::durable`]). When no input
 //! waits and an fsync slot is free, this thread runs the round's fsync itself.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
-//! `enqueue` call per round carries every event that arrived, one `start-send` carries a whole
-//! transaction body, one `send-finished` reports its outcome.
+//! `enqueue` call per round carries every event that arrived (up to half a MiB of them), one
+//! `start-send` carries a whole transaction body, one `send-finished` reports its outcome.
 //!
 //! The instance is disposable; the store and the host's [`Io`] (sends in flight, timers) are
 //! not:
@@ -51,6 +52,15 @@ pub const TICK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The most inputs taken in one round, so replies keep flowing under a flood.
 const MAX_INPUTS_PER_ROUND: usize = 4096;
+
+/// The most event bytes one `enqueue` call hands the plugin; a batch larger than this goes in
+/// a call of its own. The plugin holds a call's events in its memory at once, and copies of
+/// them as it builds their chunks, so this bounds what a burst of large enqueues makes it
+/// allocate: without it, one round of many large batches (the sidecar takes bodies of up to
+/// 16 MiB) could need more than the plugin's memory limit and fail every batch in it, and the
+/// plugin's high-water mark would depend on how many batches happened to wait together. The
+/// calls of a round still share one fsync.
+pub const MAX_ENQUEUE_BYTES_PER_CALL: usize = 512 * 1024;
 
 /// The first delay before a repeatedly failing plugin is rebuilt; doubles per failure.
 const REBUILD_DELAY_INITIAL: Duration = Duration::from_millis(100);
@@ -742,8 +752,10 @@ impl EngineThread {
                 self.finish_round(false);
             }
         }
-        if !batches.is_empty() {
-            self.enqueue(&batches, pending);
+        let mut pending = pending.into_iter();
+        for calls in enqueue_calls(&batches) {
+            let replies = pending.by_ref().take(calls.len()).collect();
+            self.enqueue(&batches[calls], replies);
         }
         for input in others {
             match input {
@@ -1082,6 +1094,34 @@ impl EngineThread {
 
 /// A plugin failure in words: a runaway call is named as such; otherwise the trap's first
 /// line (the backtrace that follows it is for the log only).
+/// Splits a round's batches into runs for one `enqueue` call each, in order: as many batches
+/// as fit in [`MAX_ENQUEUE_BYTES_PER_CALL`] together, and at least one.
+fn enqueue_calls(batches: &[api::EnqueueBatch]) -> Vec<std::ops::Range<usize>> {
+    let bytes = |batch: &api::EnqueueBatch| -> usize {
+        batch
+            .items
+            .iter()
+            .map(|api::Item::RoomEvent(json)| json.len())
+            .sum()
+    };
+    let mut calls = Vec::new();
+    let mut start = 0;
+    let mut held = 0;
+    for (i, batch) in batches.iter().enumerate() {
+        let size = bytes(batch);
+        if i > start && held + size > MAX_ENQUEUE_BYTES_PER_CALL {
+            calls.push(start..i);
+            start = i;
+            held = 0;
+        }
+        held += size;
+    }
+    if start < batches.len() {
+        calls.push(start..batches.len());
+    }
+    calls
+}
+
 fn describe_trap(export: &str, trap: wasmtime::Error, deadline: Duration) -> String {
     if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
         return format!(
@@ -1133,4 +1173,44 @@ fn wall_clock_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch of `events` events of `bytes` bytes each.
+    fn batch(events: usize, bytes: usize) -> api::EnqueueBatch {
+        api::EnqueueBatch {
+            appservice: "as1".into(),
+            items: (0..events)
+                .map(|_| api::Item::RoomEvent("x".repeat(bytes)))
+                .collect(),
+        }
+    }
+
+    /// Batches go to the plugin in order, as many per call as fit in the limit together; a
+    /// batch larger than the limit goes alone; a round of small batches stays one call.
+    #[test]
+    fn a_rounds_batches_are_split_into_calls_by_their_bytes() {
+        const KIB: usize = 1024;
+        let small: Vec<_> = (0..12).map(|_| batch(100, 400)).collect();
+        assert_eq!(enqueue_calls(&small), vec![0..12]);
+        let large = vec![
+            batch(1000, 410),
+            batch(1000, 410),
+            batch(1, 100),
+            batch(1, 2048 * KIB),
+            batch(1, 100),
+            batch(2, 256 * KIB),
+            batch(1, 1),
+        ];
+        assert_eq!(
+            enqueue_calls(&large),
+            vec![0..1, 1..3, 3..4, 4..5, 5..6, 6..7]
+        );
+        let exact = vec![batch(1, 256 * KIB), batch(1, 256 * KIB), batch(1, 1)];
+        assert_eq!(enqueue_calls(&exact), vec![0..2, 2..3]);
+        assert_eq!(enqueue_calls(&[]), Vec::<std::ops::Range<usize>>::new());
+    }
 }

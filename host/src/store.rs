@@ -12,8 +12,9 @@
 //! ([`crate::durable`]) does that for every round of inputs that committed, before anything
 //! that depends on the round's commits leaves the process (an enqueue's acknowledgement, a
 //! transaction's request). So the enqueues, delivery records and new transactions of one round,
-//! and of every round handed over while earlier fsyncs ran, share one; and the plugin hands
-//! every enqueue of a round over in one call, which writes them in one commit.
+//! and of every round handed over while earlier fsyncs ran, share one; and the engine hands
+//! the enqueues of a round over in one call (up to half a MiB of events), which writes them in
+//! one commit.
 
 use std::collections::BTreeMap;
 use std::fs::File;

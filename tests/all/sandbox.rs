@@ -281,6 +281,48 @@ async fn a_memory_hog_is_stopped_by_the_cap() {
     host.stop().await;
 }
 
+/// A burst of large enqueues that wait together is handed to the plugin a few at a time, so a
+/// working build does not run out of memory because callers happened to arrive at once: 24
+/// batches of about 1 MB, against a memory limit of 32 MiB, are all stored and delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_large_enqueues_fits_the_memory_limit() {
+    const BATCHES: usize = 24;
+    const PER_BATCH: usize = 2_500;
+    let receiver = Receiver::healthy().await;
+    let dir = temp_dir("burst");
+    let host = TestHost::start_with(
+        &dir,
+        vec![registration("as1", Some(&receiver.url()))],
+        fast_retries(),
+        |config| {
+            config.sandbox = Sandbox {
+                memory_bytes_max: 32 * 1024 * 1024,
+                ..Sandbox::default()
+            };
+        },
+    );
+    let calls: Vec<_> = (0..BATCHES)
+        .map(|b| {
+            let host = host.host.clone();
+            let events: Vec<String> = (b * PER_BATCH + 1..=(b + 1) * PER_BATCH)
+                .map(event)
+                .collect();
+            tokio::spawn(async move { host.enqueue("as1", events).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.expect("the task ends"), Ok(PER_BATCH as u32));
+    }
+    let mut delivered = receiver.wait_for_events(BATCHES * PER_BATCH, WAIT).await;
+    delivered.sort();
+    let mut expected = ids(1, BATCHES * PER_BATCH);
+    expected.sort();
+    assert_eq!(delivered, expected);
+    let plugin = host.host.plugin_status().await.expect("the host runs");
+    assert_eq!((plugin.rebuilds, plugin.last_failure), (0, None));
+    host.stop().await;
+}
+
 /// A trap in the middle of a call (here on request) is not acknowledged, and the events
 /// accepted before and after it arrive once, in order.
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,8 @@
 //! waits and an fsync slot is free, this thread runs the round's fsync itself.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
-//! `enqueue` call per round carries every event that arrived (up to half a MiB of them), one
+//! `enqueue` call carries every event of a round that arrived (or, beyond half a MiB, a call per
+//! half a MiB of batches, a larger batch alone), one
 //! `start-send` carries a whole transaction body, one `send-finished` reports its outcome.
 //!
 //! The instance is disposable; the store and the host's [`Io`] (sends in flight, timers) are
@@ -814,7 +815,7 @@ impl EngineThread {
         });
     }
 
-    /// One plugin call for every enqueue of the round. A trap here is blamed on the input (see
+    /// One plugin call for these enqueues of the round (see [`enqueue_calls`]). A trap here is blamed on the input (see
     /// [`EngineThread::call_blaming_input`]): the callers are told nothing was acknowledged, and
     /// the next round runs on a fresh instance. The requests are not retried here: a trap after
     /// the commit would have stored them already, and only the caller can decide to resend.
@@ -1092,8 +1093,6 @@ impl EngineThread {
     }
 }
 
-/// A plugin failure in words: a runaway call is named as such; otherwise the trap's first
-/// line (the backtrace that follows it is for the log only).
 /// Splits a round's batches into runs for one `enqueue` call each, in order: as many batches
 /// as fit in [`MAX_ENQUEUE_BYTES_PER_CALL`] together, and at least one.
 fn enqueue_calls(batches: &[api::EnqueueBatch]) -> Vec<std::ops::Range<usize>> {
@@ -1122,6 +1121,8 @@ fn enqueue_calls(batches: &[api::EnqueueBatch]) -> Vec<std::ops::Range<usize>> {
     calls
 }
 
+/// A plugin failure in words: a runaway call is named as such; otherwise the trap's first
+/// line (the backtrace that follows it is for the log only).
 fn describe_trap(export: &str, trap: wasmtime::Error, deadline: Duration) -> String {
     if trap.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
         return format!(

@@ -13,8 +13,8 @@
 //! that depends on the round's commits leaves the process (an enqueue's acknowledgement, a
 //! transaction's request). So the enqueues, delivery records and new transactions of one round,
 //! and of every round handed over while earlier fsyncs ran, share one; and the engine hands
-//! the enqueues of a round over in one call (up to half a MiB of events), which writes them in
-//! one commit.
+//! the enqueues of a round over in one call, which writes them in one commit (or, when they
+//! hold more than half a MiB of events, in a call and a commit per half a MiB of batches).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -65,10 +65,18 @@ impl SqliteStore {
         // first used: SQLite then keeps the WAL's index in this process's memory, not in a
         // shared `-shm` file, and a transaction takes no file locks. That spares every commit
         // and read half a dozen `fcntl` calls (about 15 µs off a lone event's enqueue →
-        // arrival). Other programs can open the database only once the host has stopped.
-        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")
-            .with_context(|| format!("cannot lock the SQLite store {}", path.display()))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))?;
+        // arrival). Other programs can open the database only once the host has stopped, and
+        // the host cannot start while another program has it open.
+        conn.execute_batch("PRAGMA locking_mode=EXCLUSIVE;")?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .with_context(|| {
+                format!(
+                    "cannot lock the SQLite store {} (is another program, such as a sqlite3 \
+                     shell, holding it open?)",
+                    path.display()
+                )
+            })?;
         anyhow::ensure!(
             mode.eq_ignore_ascii_case("wal"),
             "{}: WAL journal not available",
@@ -455,6 +463,36 @@ mod tests {
         let read = other.query_row("SELECT count(*) FROM kv", [], |row| row.get::<_, i64>(0));
         assert_eq!(read.unwrap(), 1);
         drop(other);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// A database another program holds open is refused at start, after the busy timeout,
+    /// with an error that names it and says why.
+    #[test]
+    fn a_database_held_open_elsewhere_is_refused_with_its_name() {
+        let path =
+            std::env::temp_dir().join(format!("asched-store-held-{}.sqlite", std::process::id()));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        drop(SqliteStore::open(&path).unwrap());
+        let other = Connection::open(&path).unwrap();
+        let _: i64 = other
+            .query_row("SELECT count(*) FROM kv", [], |row| row.get(0))
+            .unwrap();
+        let error = format!("{:#}", SqliteStore::open(&path).unwrap_err());
+        assert_eq!(
+            error,
+            format!(
+                "cannot lock the SQLite store {} (is another program, such as a sqlite3 shell, \
+                 holding it open?): database is locked: Error code 5: database is locked",
+                path.display()
+            )
+        );
+        drop(other);
+        drop(SqliteStore::open(&path).unwrap());
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

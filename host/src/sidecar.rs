@@ -139,6 +139,12 @@ async fn enqueue(
             return error(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", message);
         }
     };
+    // serde would also read a struct from an array (`[[...]]` as `{"events": [...]}`), which
+    // would accept a body sent in the wrong shape.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let message = "the body must be a JSON object {\"events\": [...]}, and it is not one";
+        return error(StatusCode::BAD_REQUEST, "M_BAD_JSON", message.to_owned());
+    }
     let parsed: EventsBody = match serde_json::from_slice(&bytes) {
         Ok(parsed) => parsed,
         Err(e) => {

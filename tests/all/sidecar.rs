@@ -241,6 +241,24 @@ async fn refusals_answer_their_errcode_and_store_nothing() {
         "{body}"
     );
 
+    // A body that is not an object, even one serde could read as the right fields in order.
+    for wrong in [
+        "[1]".to_owned(),
+        format!("[[{}]]", event(901)),
+        " 42".to_owned(),
+    ] {
+        assert_eq!(
+            api.post_raw("as1", wrong, Auth::Secret).await,
+            (
+                400,
+                error_body(
+                    "M_BAD_JSON",
+                    "the body must be a JSON object {\"events\": [...]}, and it is not one"
+                )
+            )
+        );
+    }
+
     // An element that is not an object, after a valid one: nothing of the request is stored.
     let mixed = format!("{{\"events\":[{},42,{}]}}", event(902), event(903));
     assert_eq!(

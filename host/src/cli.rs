@@ -189,7 +189,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default filter.
+/// Logs to stderr, in colour only when it is a terminal; `RUST_LOG` overrides the default
+/// filter.
 fn init_logging(demo: bool) {
     let default = if demo {
         "warn,asched::plugin=info"
@@ -200,6 +201,7 @@ fn init_logging(demo: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -179,6 +179,18 @@ fn check_registrations_refuses_duplicates_across_files() {
     );
 }
 
+/// Logs that go to a pipe or a file are plain text: no terminal colour codes.
+#[test]
+fn logs_not_written_to_a_terminal_have_no_colour_codes() {
+    let dir = temp_dir("demo-plain-logs");
+    let data = dir.join("demo-data");
+    let output = run(&["demo".as_ref(), "--data-dir".as_ref(), data.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains(" WARN asched::plugin: "), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+}
+
 /// A valid folder: one line per file and a summary, exit code 0. An empty folder is an error.
 #[test]
 fn check_registrations_summarises_a_valid_folder() {

@@ -104,8 +104,12 @@ pub async fn run(data_dir: &Path, swap_to: Option<&Path>) -> anyhow::Result<()> 
     reset_store(data_dir)?;
     let events = bundled_events()?;
     let plan = route(&events, &registrations);
+    let unrouted = events
+        .iter()
+        .filter(|event| routing::interested(event, &registrations, SERVER_NAME).is_empty())
+        .count();
     println!(
-        "asched demo: {} events, {} appservices, receiver at {receiver_url}",
+        "asched demo: {} events ({unrouted} in no appservice's namespaces), {} appservices, receiver at {receiver_url}",
         events.len(),
         registrations.len()
     );

@@ -189,6 +189,14 @@ fn logs_not_written_to_a_terminal_have_no_colour_codes() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains(" WARN asched::plugin: "), "{stderr}");
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with(
+            "asched demo: 600 events (108 in no appservice's namespaces), 3 appservices, \
+             receiver at http://127.0.0.1:"
+        ),
+        "{stdout}"
+    );
 }
 
 /// A valid folder: one line per file and a summary, exit code 0. An empty folder is an error.

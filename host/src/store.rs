@@ -360,6 +360,33 @@ fn map_error(error: rusqlite::Error) -> StoreError {
 mod tests {
     use super::*;
 
+    /// A database path under the temp folder, for one test; its files (the database, its WAL
+    /// and any `-shm`) are removed before the test and when this is dropped.
+    struct TempDb(PathBuf);
+
+    impl TempDb {
+        fn new(name: &str) -> TempDb {
+            let db = TempDb(
+                std::env::temp_dir()
+                    .join(format!("asched-store-{name}-{}.sqlite", std::process::id())),
+            );
+            db.remove();
+            db
+        }
+
+        fn remove(&self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+            }
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            self.remove();
+        }
+    }
+
     /// Commits apply in order; scans return keys in byte order within the range and limit; an
     /// empty or reversed range is empty; deletes remove keys and ranges.
     fn check_semantics(store: &mut Store) {
@@ -402,11 +429,8 @@ mod tests {
     #[test]
     fn sync_flushes_the_wal_sqlite_writes() {
         use std::os::unix::fs::MetadataExt;
-        let path =
-            std::env::temp_dir().join(format!("asched-store-sync-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        let db = TempDb::new("sync");
+        let path = db.0.clone();
         let mut store = SqliteStore::open(&path).unwrap();
         let wal = File::open(store.wal_path().expect("a file store has a WAL")).unwrap();
         let chunk = vec![7u8; 40_000];
@@ -433,20 +457,14 @@ mod tests {
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.count_prefix("c/").unwrap(), 5);
         drop(reopened);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
     }
 
     /// The store keeps its database to itself while open, with no shared-memory index beside
     /// it, and lets others in once closed.
     #[test]
     fn the_store_holds_its_database_exclusively_while_open() {
-        let path =
-            std::env::temp_dir().join(format!("asched-store-lock-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        let db = TempDb::new("lock");
+        let path = db.0.clone();
         let mut store = SqliteStore::open(&path).unwrap();
         store
             .commit(&[Write::Put("k".into(), b"v".to_vec())])
@@ -463,20 +481,14 @@ mod tests {
         let read = other.query_row("SELECT count(*) FROM kv", [], |row| row.get::<_, i64>(0));
         assert_eq!(read.unwrap(), 1);
         drop(other);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
     }
 
     /// A database another program holds open is refused at start, after the busy timeout,
     /// with an error that names it and says why.
     #[test]
     fn a_database_held_open_elsewhere_is_refused_with_its_name() {
-        let path =
-            std::env::temp_dir().join(format!("asched-store-held-{}.sqlite", std::process::id()));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        let db = TempDb::new("held");
+        let path = db.0.clone();
         drop(SqliteStore::open(&path).unwrap());
         let other = Connection::open(&path).unwrap();
         let _: i64 = other
@@ -493,9 +505,6 @@ mod tests {
         );
         drop(other);
         drop(SqliteStore::open(&path).unwrap());
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
     }
 
     /// The memory store behaves as the SQLite one does.
@@ -507,15 +516,11 @@ mod tests {
     /// The SQLite store has them too, and what was synced is there after a reopen.
     #[test]
     fn sqlite_store_has_the_store_semantics_and_keeps_synced_commits() {
-        let path =
-            std::env::temp_dir().join(format!("asched-store-order-{}.sqlite", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        let db = TempDb::new("order");
+        let path = db.0.clone();
         check_semantics(&mut Store::Sqlite(SqliteStore::open(&path).unwrap()));
         let reopened = SqliteStore::open(&path).unwrap();
         assert_eq!(reopened.get("q/3").unwrap(), Some(b"THREE".to_vec()));
         drop(reopened);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
     }
 }

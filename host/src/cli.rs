@@ -80,7 +80,7 @@ struct ServeArgs {
     /// An appservice id that also gets `?access_token=` (for bridges that only check that).
     #[arg(long = "legacy-query-auth")]
     legacy_query_auth: Vec<String>,
-    /// The largest API request body, in bytes.
+    /// The largest body of an events request, in bytes (a plugin upload may be up to 64 MiB).
     #[arg(long, default_value_t = sidecar::DEFAULT_MAX_BODY_BYTES)]
     max_request_bytes: usize,
     #[command(flatten)]

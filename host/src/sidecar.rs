@@ -85,14 +85,18 @@ fn error(status: StatusCode, errcode: &str, message: String) -> Response {
 impl Api {
     /// Checks the shared secret.
     fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
-        let Some(value) = headers.get(header::AUTHORIZATION) else {
+        // No header, or one of another scheme (`Basic …`): no token was given at all.
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(bearer_token)
+        else {
             return Err(error(
                 StatusCode::UNAUTHORIZED,
                 "M_MISSING_TOKEN",
                 "missing `Authorization: Bearer <secret>`".into(),
             ));
         };
-        let given = value.to_str().ok().and_then(bearer_token).unwrap_or("");
         if !constant_time_eq(given.as_bytes(), self.secret.as_bytes()) {
             return Err(error(
                 StatusCode::FORBIDDEN,

@@ -92,11 +92,28 @@ pub fn load(paths: &[PathBuf]) -> anyhow::Result<Vec<Registration>> {
     if files.is_empty() {
         bail!("no registration files found in {}", display_paths(paths));
     }
+    // Every file is checked, so that one run names every file to fix.
     let mut registrations = Vec::with_capacity(files.len());
+    let mut errors = Vec::new();
     for file in &files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read registration file {}", file.display()))?;
-        registrations.push(parse(&text, file)?);
+        let parsed = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read registration file {}", file.display()))
+            .and_then(|text| parse(&text, file));
+        match parsed {
+            Ok(registration) => registrations.push(registration),
+            Err(error) => errors.push(error),
+        }
+    }
+    if errors.len() == 1 {
+        return Err(errors.remove(0));
+    }
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors.iter().map(|e| format!("  {e:#}")).collect();
+        bail!(
+            "{} registration files are not valid:\n{}",
+            errors.len(),
+            lines.join("\n")
+        );
     }
     check_unique(&registrations)?;
     Ok(registrations)

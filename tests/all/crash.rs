@@ -54,6 +54,29 @@ fn folder(name: &str, files: &[(&str, String)]) -> TempDir {
     dir
 }
 
+/// Every bad file of a folder is named in one run, each with its field; the good ones are not.
+#[test]
+fn check_registrations_names_every_bad_file_of_a_folder() {
+    let base = good("bridge");
+    let dir = folder(
+        "check-several",
+        &[
+            ("a.yaml", base.replace("id: bridge", "id: 42")),
+            ("b.yaml", good("fine")),
+            ("c.yaml", base.replace("as_token: as-token-bridge\n", "")),
+        ],
+    );
+    assert_fails_with(
+        &check_registrations(&dir),
+        &format!(
+            "2 registration files are not valid:\n  {}: field `id` must be a string, found a \
+             number\n  {}: missing required field `as_token`",
+            dir.join("a.yaml").display(),
+            dir.join("c.yaml").display()
+        ),
+    );
+}
+
 /// Each kind of error in one file is refused with exit code 1, naming the file and the field.
 #[test]
 fn check_registrations_names_the_file_and_field_of_each_error() {

@@ -339,12 +339,16 @@ impl Fields<'_> {
             ),
             None => bail!("{}: missing required field `{path}.exclusive`", self.file),
         };
-        let compiled = Regex::new(&format!("^(?:{regex})$")).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: field `{path}.regex` is not a supported regular expression: {e}",
-                self.file
-            )
-        })?;
+        // The regex as written is checked first, so that an error quotes it, not the anchored
+        // form the matcher uses.
+        let compiled = Regex::new(&regex)
+            .and_then(|_| Regex::new(&format!("^(?:{regex})$")))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: field `{path}.regex` is not a supported regular expression: {e}",
+                    self.file
+                )
+            })?;
         Ok(Namespace {
             regex,
             compiled,

@@ -145,6 +145,8 @@ fn check_registrations_names_the_file_and_field_of_each_error() {
     );
     assert!(stderr.starts_with(&expected), "{stderr}");
     assert!(stderr.contains("unclosed group"), "{stderr}");
+    assert!(stderr.contains("    @bridge_(.*:example.org\n"), "{stderr}");
+    assert!(!stderr.contains("^(?:"), "{stderr}");
 }
 
 /// Two files may not share an `id` or an `as_token`; the error names both files.

@@ -341,6 +341,11 @@ impl Host {
     /// Opens the store, loads the plugin, starts it and the engine thread. Must be called
     /// inside a tokio runtime, which then runs the timers (sends have a runtime of their own).
     pub fn start(config: HostConfig) -> anyhow::Result<(Host, std::thread::JoinHandle<()>)> {
+        anyhow::ensure!(
+            !config.data_dir.exists() || config.data_dir.is_dir(),
+            "the data folder {} is a file, not a folder",
+            config.data_dir.display()
+        );
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
                 "cannot create the data folder {}",

@@ -346,6 +346,33 @@ fn serve_refuses_a_bad_registration_or_a_short_secret() {
     );
 }
 
+/// A `--data-dir` that names a file is refused, and the error says so.
+#[test]
+fn serve_refuses_a_data_dir_that_is_a_file() {
+    let dir = folder("serve-data-file", &[("a.yaml", good("fine"))]);
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, "test-secret-0123456789abcdef").expect("writable");
+    let not_a_folder = dir.join("a.yaml");
+    let output = run(&[
+        "serve".as_ref(),
+        "--data-dir".as_ref(),
+        not_a_folder.as_os_str(),
+        "--registration".as_ref(),
+        not_a_folder.as_os_str(),
+        "--secret-file".as_ref(),
+        secret_file.as_os_str(),
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+    ]);
+    assert_fails_with(
+        &output,
+        &format!(
+            "the data folder {} is a file, not a folder",
+            not_a_folder.display()
+        ),
+    );
+}
+
 /// SplitMix64: a small seeded generator so a failing run can be repeated.
 struct Rng(u64);
 

@@ -323,6 +323,49 @@ async fn a_burst_of_large_enqueues_fits_the_memory_limit() {
     host.stop().await;
 }
 
+/// A round whose enqueues go to the plugin in several calls, the middle one trapping: only that
+/// call's caller is refused; the batch before it is stored and answered once its commit is
+/// durable, the one after it is stored by the rebuilt instance, and both arrive in order. (A
+/// runaway call holds the engine so that the three batches wait together.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trap_in_one_call_of_a_split_round_refuses_only_its_batch() {
+    const HALF: usize = 1_500;
+    let receiver = Receiver::healthy().await;
+    let sandbox = Sandbox {
+        call_deadline: Duration::from_millis(300),
+        ..Sandbox::default()
+    };
+    let (_dir, host) = misbehaving_host("split-trap", &receiver, sandbox);
+    let enqueue = |events: Vec<String>| {
+        let host = host.host.clone();
+        tokio::spawn(async move { host.enqueue("as1", events).await })
+    };
+    let stall = enqueue(vec![poison("loop")]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = enqueue((1..=HALF).map(event).collect());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let trapping = enqueue(vec![poison("trap")]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let after = enqueue((HALF + 1..=2 * HALF).map(event).collect());
+    assert!(matches!(
+        stall.await.expect("the task ends"),
+        Err(EnqueueError::PluginFailed(_))
+    ));
+    assert_eq!(before.await.expect("the task ends"), Ok(HALF as u32));
+    assert!(matches!(
+        trapping.await.expect("the task ends"),
+        Err(EnqueueError::PluginFailed(_))
+    ));
+    assert_eq!(after.await.expect("the task ends"), Ok(HALF as u32));
+    assert_eq!(
+        receiver.wait_for_events(2 * HALF, WAIT).await,
+        ids(1, 2 * HALF)
+    );
+    let plugin = host.host.plugin_status().await.expect("the host runs");
+    assert_eq!(plugin.rebuilds, 2);
+    host.stop().await;
+}
+
 /// A trap in the middle of a call (here on request) is not acknowledged, and the events
 /// accepted before and after it arrive once, in order.
 #[tokio::test(flavor = "multi_thread")]

@@ -103,11 +103,7 @@ pub async fn run(data_dir: &Path, swap_to: Option<&Path>) -> anyhow::Result<()> 
     }
     reset_store(data_dir)?;
     let events = bundled_events()?;
-    let plan = route(&events, &registrations);
-    let unrouted = events
-        .iter()
-        .filter(|event| routing::interested(event, &registrations, SERVER_NAME).is_empty())
-        .count();
+    let (plan, unrouted) = route(&events, &registrations);
     println!(
         "asched demo: {} events ({unrouted} in no appservice's namespaces), {} appservices, receiver at {receiver_url}",
         events.len(),
@@ -183,25 +179,31 @@ fn reset_store(data_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The events each appservice should get, in stream order, as (event id, JSON text).
+/// The events each appservice should get, in stream order, as (event id, JSON text); and how
+/// many events no appservice gets.
 fn route(
     events: &[Value],
     registrations: &[Registration],
-) -> BTreeMap<String, Vec<(String, String)>> {
+) -> (BTreeMap<String, Vec<(String, String)>>, usize) {
     let mut plan: BTreeMap<String, Vec<(String, String)>> = registrations
         .iter()
         .map(|r| (r.id.clone(), Vec::new()))
         .collect();
+    let mut unrouted = 0;
     for event in events {
         let id = event["event_id"].as_str().unwrap_or_default().to_owned();
-        for appservice in routing::interested(event, registrations, SERVER_NAME) {
+        let interested = routing::interested(event, registrations, SERVER_NAME);
+        if interested.is_empty() {
+            unrouted += 1;
+        }
+        for appservice in interested {
             let queue = plan
                 .get_mut(appservice)
                 .expect("the plan has every registration");
             queue.push((id.clone(), event.to_string()));
         }
     }
-    plan
+    (plan, unrouted)
 }
 
 /// One task per appservice enqueues its events one at a time, in order, like a homeserver

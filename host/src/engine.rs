@@ -11,9 +11,9 @@
 //! waits and an fsync slot is free, this thread runs the round's fsync itself.
 //!
 //! The hot path crosses into the plugin per batch and per transaction, never per event: one
-//! `enqueue` call carries every event of a round that arrived (or, beyond half a MiB, a call per
-//! half a MiB of batches, a larger batch alone), one
-//! `start-send` carries a whole transaction body, one `send-finished` reports its outcome.
+//! `enqueue` call carries every event of a round that arrived (or, beyond half a MiB, a call
+//! per half a MiB of batches, a larger batch alone), one `start-send` carries a whole
+//! transaction body, one `send-finished` reports its outcome.
 //!
 //! The instance is disposable; the store and the host's [`Io`] (sends in flight, timers) are
 //! not:
@@ -820,10 +820,11 @@ impl EngineThread {
         });
     }
 
-    /// One plugin call for these enqueues of the round (see [`enqueue_calls`]). A trap here is blamed on the input (see
-    /// [`EngineThread::call_blaming_input`]): the callers are told nothing was acknowledged, and
-    /// the next round runs on a fresh instance. The requests are not retried here: a trap after
-    /// the commit would have stored them already, and only the caller can decide to resend.
+    /// One plugin call for these enqueues of the round (see [`enqueue_calls`]). A trap here is
+    /// blamed on the input (see [`EngineThread::call_blaming_input`]): the callers are told
+    /// nothing was acknowledged, and the next round runs on a fresh instance. The requests are
+    /// not retried here: a trap after the commit would have stored them already, and only the
+    /// caller can decide to resend.
     fn enqueue(&mut self, batches: &[api::EnqueueBatch], pending: Vec<PendingEnqueue>) {
         let results =
             self.call_blaming_input("enqueue", |api, store| api.call_enqueue(store, batches));
